@@ -1,0 +1,31 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api_stub import errors
+from api_stub.routes import health, sessions
+from worker.celery_app import create_celery
+from worker.config import Settings, get_settings
+from worker.logging import configure_logging
+from worker.providers.registry import build_repo_host
+from worker.services.outbox import CeleryPublisher
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    app = FastAPI(
+        title="Session Lifecycle Worker API",
+        version="0.1.0",
+        description="Create agent sessions and drive their sandboxes through their lifecycle.",
+    )
+    app.state.settings = settings
+    app.state.celery = create_celery(settings)
+    app.state.publisher = CeleryPublisher(app.state.celery)
+    app.state.repo_host = build_repo_host(settings)
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(sessions.router)
+    return app

@@ -1,0 +1,311 @@
+"""Session resource: create, read, update, list; lifecycle kicks, heartbeat, diff, runs."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import select
+
+from api_stub.deps import AccountDep, BodyDep, DbDep, SettingsDep
+from api_stub.schemas import (
+    CachedDiff,
+    ErrorBody,
+    RunList,
+    SessionCreate,
+    SessionCreated,
+    SessionEnvelope,
+    SessionPage,
+    SessionRun,
+    SessionUpdate,
+    chat_dict,
+    etag_of,
+    run_dict,
+    session_dict,
+)
+from worker.db.engine import get_sessionmaker
+from worker.db.models import LifecycleRunRecord, OutboxRecord
+from worker.domain.lifecycle import LifecycleState, RunKind, SessionStatus
+from worker.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
+from worker.services import idempotency, outbox, runs, sessions
+
+router = APIRouter(prefix="/api/sessions", tags=["sessions"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 412, 413, 503)
+}
+_INT_MAX = 2**31 - 1
+
+
+def _publish(request: Request, records: list[OutboxRecord]) -> None:
+    """After commit: publish the jobs now; anything the broker refuses stays in the
+    outbox for the relay."""
+    if records:
+        outbox.publish_now(get_sessionmaker(), records, request.app.state.publisher)
+
+
+def _uuid_field(data: dict[str, Any], key: str) -> uuid.UUID | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidInput(f"{key} must be a valid UUID", missing_fields=[key]) from None
+
+
+def _str_field(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidInput(f"{key} must be a string", missing_fields=[key])
+    return value
+
+
+def _count_field(data: dict[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT_MAX:
+        raise InvalidInput(f"{key} must be an integer >= 0", missing_fields=[key])
+    return value
+
+
+def _json_body_doc(model: type[SessionCreate] | type[SessionUpdate]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": model.model_json_schema(by_alias=True)}},
+        }
+    }
+
+
+@router.post(
+    "",
+    response_model=SessionCreated,
+    responses=_ERRORS,
+    openapi_extra=_json_body_doc(SessionCreate),
+    summary="Create session",
+)
+def create_session(
+    request: Request,
+    account: AccountDep,
+    body: BodyDep,
+    db: DbDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> Response:
+    """Record a session, its first chat and the provision job in one transaction, then
+    publish the job. Never waits on GitHub or a sandbox."""
+    data, raw = body
+    create = sessions.CreateSession(
+        title=_str_field(data, "title"),
+        organization_id=_uuid_field(data, "organizationId"),
+        artist_id=_uuid_field(data, "artistId"),
+    )
+    if create.title is not None and len(create.title) > settings.max_title_length:
+        raise InvalidInput(
+            f"title must be at most {settings.max_title_length} characters",
+            missing_fields=["title"],
+        )
+    repo_host = request.app.state.repo_host
+    with db.begin():
+        if idempotency_key is not None:
+            replay = idempotency.begin(
+                db,
+                account,
+                idempotency_key,
+                idempotency.request_hash("POST", "/api/sessions", raw),
+                settings.idempotency_ttl_seconds,
+            )
+            if replay is not None:
+                return JSONResponse(replay.body, status_code=replay.status_code)
+        owner, name = sessions.workspace_repo(settings, account, create.organization_id)
+        created = sessions.create_session(
+            db,
+            settings,
+            account,
+            create,
+            clone_url=repo_host.clone_url(owner, name),
+            sandbox_type=settings.sandbox_provider,
+        )
+        payload = {"session": session_dict(created.session), "chat": chat_dict(created.chat)}
+        if idempotency_key is not None:
+            idempotency.finish(db, account, idempotency_key, 200, payload)
+    _publish(request, created.outbox)
+    return JSONResponse(payload)
+
+
+@router.get("", response_model=SessionPage, responses=_ERRORS, summary="List sessions")
+def list_sessions(
+    account: AccountDep,
+    db: DbDep,
+    status: Annotated[str | None, Query(description="running|completed|failed|archived")] = None,
+    limit: Annotated[str | None, Query(description="1-100, default 20")] = None,
+    cursor: Annotated[str | None, Query(description="nextCursor of the previous page")] = None,
+) -> Response:
+    """The caller's sessions, newest first, keyset-paginated."""
+    try:
+        status_value = SessionStatus(status) if status is not None else None
+    except ValueError:
+        raise InvalidInput(
+            "status must be one of running, completed, failed, archived", missing_fields=["status"]
+        ) from None
+    if limit is None:
+        size = 20
+    elif limit.isdigit() and 1 <= int(limit) <= 100:
+        size = int(limit)
+    else:
+        raise InvalidInput("limit must be an integer from 1 to 100", missing_fields=["limit"])
+    rows, next_cursor = sessions.list_sessions(
+        db, account, status=status_value, limit=size, cursor=cursor
+    )
+    return JSONResponse({"sessions": [session_dict(r) for r in rows], "nextCursor": next_cursor})
+
+
+@router.get(
+    "/{session_id}", response_model=SessionEnvelope, responses=_ERRORS, summary="Get session"
+)
+def get_session(
+    session_id: str,
+    account: AccountDep,
+    db: DbDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    record = sessions.get_owned(db, account, session_id)
+    data = session_dict(record)
+    etag = etag_of(data)
+    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    return JSONResponse({"session": data}, headers={"ETag": etag})
+
+
+@router.patch(
+    "/{session_id}",
+    response_model=SessionEnvelope,
+    responses=_ERRORS,
+    openapi_extra=_json_body_doc(SessionUpdate),
+    summary="Update session",
+)
+def patch_session(
+    request: Request,
+    session_id: str,
+    account: AccountDep,
+    body: BodyDep,
+    db: DbDep,
+    settings: SettingsDep,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Change title, status or line counts. ``If-Match`` guards against lost updates."""
+    data, _ = body
+    status = _str_field(data, "status")
+    try:
+        status_value = SessionStatus(status) if status is not None else None
+    except ValueError:
+        raise InvalidInput(
+            "status must be one of running, completed, failed, archived", missing_fields=["status"]
+        ) from None
+    patch = sessions.SessionPatch(
+        title=_str_field(data, "title"),
+        status=status_value,
+        lines_added=_count_field(data, "linesAdded"),
+        lines_removed=_count_field(data, "linesRemoved"),
+    )
+    with db.begin():
+        record = sessions.get_owned(db, account, session_id, lock=True)
+        if if_match is not None:
+            current = etag_of(session_dict(record))
+            tags = [t.strip() for t in if_match.split(",")]
+            if "*" not in tags and current not in tags:
+                raise PreconditionFailed("Precondition failed: the session has changed")
+        jobs = sessions.patch_session(db, settings, record, patch)
+        result = session_dict(record)
+    _publish(request, jobs)
+    return JSONResponse({"session": result}, headers={"ETag": etag_of(result)})
+
+
+def _kick(
+    request: Request, session_id: str, account: uuid.UUID, db: Any, kind: RunKind
+) -> Response:
+    with db.begin():
+        record = sessions.get_owned(db, account, session_id, lock=True)
+        if record.lifecycle_state == LifecycleState.ARCHIVED.value or (
+            record.status == SessionStatus.ARCHIVED.value and kind is not RunKind.ARCHIVE
+        ):
+            raise Conflict("Session is archived; set status to running to unarchive it first")
+        result = runs.kick(db, record, kind, "api")
+        payload = {"session": session_dict(record), "run": run_dict(result.run)}
+    _publish(request, result.outbox)
+    return JSONResponse(payload, status_code=202)
+
+
+_KICK_DOC: dict[str, Any] = {"response_model": SessionRun, "status_code": 202, "responses": _ERRORS}
+
+
+@router.post("/{session_id}/sandbox", summary="Start or resume the sandbox", **_KICK_DOC)
+def kick_start(request: Request, session_id: str, account: AccountDep, db: DbDep) -> Response:
+    return _kick(request, session_id, account, db, RunKind.START)
+
+
+@router.post("/{session_id}/hibernate", summary="Hibernate the sandbox", **_KICK_DOC)
+def kick_hibernate(request: Request, session_id: str, account: AccountDep, db: DbDep) -> Response:
+    return _kick(request, session_id, account, db, RunKind.HIBERNATE)
+
+
+@router.post("/{session_id}/snapshots", summary="Take a snapshot", **_KICK_DOC)
+def kick_snapshot(request: Request, session_id: str, account: AccountDep, db: DbDep) -> Response:
+    return _kick(request, session_id, account, db, RunKind.SNAPSHOT)
+
+
+@router.post("/{session_id}/diff", summary="Recompute the cached diff", **_KICK_DOC)
+def kick_diff(request: Request, session_id: str, account: AccountDep, db: DbDep) -> Response:
+    return _kick(request, session_id, account, db, RunKind.DIFF)
+
+
+@router.post(
+    "/{session_id}/activity",
+    response_model=SessionEnvelope,
+    responses=_ERRORS,
+    summary="Heartbeat: push hibernateAfter out while the sandbox is active",
+)
+def activity(session_id: str, account: AccountDep, db: DbDep, settings: SettingsDep) -> Response:
+    with db.begin():
+        record = sessions.get_owned(db, account, session_id)
+        sessions.record_activity(db, settings, record)
+        data = session_dict(record)
+    return JSONResponse({"session": data})
+
+
+@router.get(
+    "/{session_id}/diff", response_model=CachedDiff, responses=_ERRORS, summary="Cached diff"
+)
+def get_diff(session_id: str, account: AccountDep, db: DbDep) -> Response:
+    record = sessions.get_owned(db, account, session_id)
+    if record.cached_diff is None:
+        raise NotFound("No cached diff available")
+    cached_at = record.cached_diff_updated_at
+    live = record.lifecycle_state in (LifecycleState.ACTIVE.value, LifecycleState.RESTORING.value)
+    stale = live and (
+        cached_at is None or record.last_activity_at is None or record.last_activity_at > cached_at
+    )
+    return JSONResponse(
+        {
+            "diff": record.cached_diff,
+            "cachedAt": cached_at and cached_at.isoformat(),
+            "isStale": bool(stale),
+        }
+    )
+
+
+@router.get("/{session_id}/runs", response_model=RunList, responses=_ERRORS, summary="Run history")
+def list_runs(session_id: str, account: AccountDep, db: DbDep) -> Response:
+    record = sessions.get_owned(db, account, session_id)
+    rows = db.scalars(
+        select(LifecycleRunRecord)
+        .where(LifecycleRunRecord.session_id == record.id)
+        .order_by(LifecycleRunRecord.created_at, LifecycleRunRecord.id)
+    )
+    return JSONResponse({"runs": [run_dict(r) for r in rows]})

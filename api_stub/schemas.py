@@ -1,0 +1,208 @@
+"""Request and response models (camelCase on the wire)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from worker.db.models import ChatRecord, LifecycleRunRecord, SessionRecord
+
+
+class CamelModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class ErrorBody(BaseModel):
+    status: Literal["error"] = "error"
+    error: str
+    missing_fields: list[str] | None = None
+
+
+class SessionCreate(CamelModel):
+    """All fields optional; an empty body creates a personal session."""
+
+    title: str | None = Field(default=None, description="Display title; generated when omitted.")
+    organization_id: str | None = Field(
+        default=None, description="UUID of an organization the caller may use."
+    )
+    artist_id: str | None = Field(default=None, description="UUID of an artist account.")
+
+
+class SessionUpdate(CamelModel):
+    """Every field optional; an empty body changes nothing."""
+
+    title: str | None = None
+    status: Literal["running", "completed", "failed", "archived"] | None = None
+    lines_added: int | None = Field(default=None, ge=0)
+    lines_removed: int | None = Field(default=None, ge=0)
+
+
+class SessionRead(CamelModel):
+    id: str
+    user_id: str
+    title: str
+    is_new_branch: bool
+    global_skill_refs: list[Any]
+    lifecycle_version: int
+    created_at: datetime
+    updated_at: datetime
+    artist_id: str | None
+    organization_id: str | None
+    repo_owner: str | None
+    repo_name: str | None
+    branch: str | None
+    clone_url: str | None
+    sandbox_state: dict[str, Any]
+    last_activity_at: datetime | None
+    sandbox_expires_at: datetime | None
+    hibernate_after: datetime | None
+    lifecycle_run_id: str | None
+    lifecycle_error: str | None
+    lines_added: int
+    lines_removed: int
+    snapshot_url: str | None
+    snapshot_created_at: datetime | None
+    snapshot_size_bytes: int | None
+    cached_diff: dict[str, Any] | None
+    cached_diff_updated_at: datetime | None
+    status: str
+    lifecycle_state: str
+
+
+class ChatRead(CamelModel):
+    id: str
+    session_id: str
+    title: str
+    model_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    active_stream_id: str | None
+    last_assistant_message_at: datetime | None
+
+
+class RunRead(CamelModel):
+    id: str
+    session_id: str
+    kind: str
+    trigger: str
+    state: str
+    attempts: int
+    issued_version: int | None
+    from_version: int | None
+    to_version: int | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class SessionEnvelope(BaseModel):
+    session: SessionRead
+
+
+class SessionCreated(BaseModel):
+    session: SessionRead
+    chat: ChatRead
+
+
+class SessionRun(BaseModel):
+    session: SessionRead
+    run: RunRead
+
+
+class SessionPage(BaseModel):
+    sessions: list[SessionRead]
+    next_cursor: str | None = Field(serialization_alias="nextCursor")
+
+
+class RunList(BaseModel):
+    runs: list[RunRead]
+
+
+class CachedDiff(BaseModel):
+    diff: dict[str, Any]
+    cached_at: datetime | None = Field(serialization_alias="cachedAt")
+    is_stale: bool = Field(serialization_alias="isStale")
+
+
+def _s(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def session_dict(r: SessionRecord) -> dict[str, Any]:
+    """The wire form of a session (every seed field, null where unknown)."""
+    return {
+        "id": str(r.id),
+        "userId": str(r.user_id),
+        "title": r.title,
+        "isNewBranch": r.is_new_branch,
+        "globalSkillRefs": r.global_skill_refs or [],
+        "lifecycleVersion": r.lifecycle_version,
+        "createdAt": r.created_at.isoformat(),
+        "updatedAt": r.updated_at.isoformat(),
+        "artistId": _s(r.artist_id),
+        "organizationId": _s(r.organization_id),
+        "repoOwner": r.repo_owner,
+        "repoName": r.repo_name,
+        "branch": r.branch,
+        "cloneUrl": r.clone_url,
+        "sandboxState": r.sandbox_state or {},
+        "lastActivityAt": r.last_activity_at and r.last_activity_at.isoformat(),
+        "sandboxExpiresAt": r.sandbox_expires_at and r.sandbox_expires_at.isoformat(),
+        "hibernateAfter": r.hibernate_after and r.hibernate_after.isoformat(),
+        "lifecycleRunId": _s(r.lifecycle_run_id),
+        "lifecycleError": r.lifecycle_error,
+        "linesAdded": r.lines_added,
+        "linesRemoved": r.lines_removed,
+        "snapshotUrl": r.snapshot_url,
+        "snapshotCreatedAt": r.snapshot_created_at and r.snapshot_created_at.isoformat(),
+        "snapshotSizeBytes": r.snapshot_size_bytes,
+        "cachedDiff": r.cached_diff,
+        "cachedDiffUpdatedAt": r.cached_diff_updated_at and r.cached_diff_updated_at.isoformat(),
+        "status": r.status,
+        "lifecycleState": r.lifecycle_state,
+    }
+
+
+def chat_dict(c: ChatRecord) -> dict[str, Any]:
+    return {
+        "id": str(c.id),
+        "sessionId": str(c.session_id),
+        "title": c.title,
+        "modelId": c.model_id,
+        "createdAt": c.created_at.isoformat(),
+        "updatedAt": c.updated_at.isoformat(),
+        "activeStreamId": c.active_stream_id,
+        "lastAssistantMessageAt": c.last_assistant_message_at
+        and c.last_assistant_message_at.isoformat(),
+    }
+
+
+def run_dict(r: LifecycleRunRecord) -> dict[str, Any]:
+    return {
+        "id": str(r.id),
+        "sessionId": str(r.session_id),
+        "kind": r.kind,
+        "trigger": r.trigger,
+        "state": r.state,
+        "attempts": r.attempts,
+        "issuedVersion": r.issued_version,
+        "fromVersion": r.from_version,
+        "toVersion": r.to_version,
+        "error": r.error,
+        "createdAt": r.created_at.isoformat(),
+        "startedAt": r.started_at and r.started_at.isoformat(),
+        "finishedAt": r.finished_at and r.finished_at.isoformat(),
+    }
+
+
+def etag_of(session: dict[str, Any]) -> str:
+    """A strong validator: any visible change of the session changes it."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(session, sort_keys=True, default=str).encode()).hexdigest()
+    return f'"{digest[:32]}"'

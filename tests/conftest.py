@@ -1,0 +1,87 @@
+"""Shared fixtures: real PostgreSQL (a fresh, migrated database per test run) and real
+Redis, found or started by :mod:`tests.servers`."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from tests import servers
+
+_STATE_DIR = Path(os.environ.get("LIFECYCLE_TEST_STATE_DIR", "/tmp/lifecycle-test-servers"))
+
+
+def _redis_db(url: str, db: int) -> str:
+    base = url.rsplit("/", 1)[0] if url.count("/") >= 3 else url
+    return f"{base}/{db}"
+
+
+@pytest.fixture(scope="session")
+def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Point the whole process at a fresh database and a private Redis database index."""
+    from worker.config import get_settings
+    from worker.db.engine import reset_engine
+    from worker.db.migrate import upgrade
+
+    _STATE_DIR.mkdir(parents=True, exist_ok=True)
+    admin_url = servers.ensure_postgres(os.environ.get("LIFECYCLE_DATABASE_URL"), _STATE_DIR / "pg")
+    redis_url = servers.ensure_redis(os.environ.get("LIFECYCLE_BROKER_URL"), _STATE_DIR / "redis")
+    db_name = f"lifecycle_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    database_url = servers.create_fresh_database(admin_url, db_name)
+    upgrade(database_url)
+    broker_url = _redis_db(redis_url, 11)
+    data_dir = tmp_path_factory.mktemp("lifecycle-data")
+    previous = {k: os.environ.get(k) for k in ("LIFECYCLE_DATABASE_URL", "LIFECYCLE_BROKER_URL", "LIFECYCLE_DATA_DIR")}
+    os.environ["LIFECYCLE_DATABASE_URL"] = database_url
+    os.environ["LIFECYCLE_BROKER_URL"] = broker_url
+    os.environ["LIFECYCLE_DATA_DIR"] = str(data_dir)
+    get_settings.cache_clear()
+    reset_engine()
+    try:
+        yield {
+            "admin_url": admin_url,
+            "database_url": database_url,
+            "broker_url": broker_url,
+            "redis_url": redis_url,
+            "data_dir": str(data_dir),
+        }
+    finally:
+        reset_engine()
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()
+        try:
+            servers.drop_database(admin_url, db_name)
+        except Exception as exc:  # leave it; a later run does not reuse the name
+            print(f"could not drop {db_name}: {exc}")
+
+
+TABLES = "outbox, idempotency_keys, lifecycle_runs, chats, sessions, api_keys, org_memberships, accounts"
+
+
+@pytest.fixture
+def db_clean(server_urls: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Empty tables before the test (API tests commit through their own connections)."""
+    from worker.db.engine import get_engine
+
+    with get_engine().begin() as conn:
+        conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+    yield server_urls
+
+
+@pytest.fixture
+def redis_client(server_urls: dict[str, str]) -> Iterator[object]:
+    import redis
+
+    client = redis.Redis.from_url(server_urls["broker_url"])
+    client.flushdb()
+    yield client
+    client.close()

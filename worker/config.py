@@ -1,0 +1,74 @@
+"""Settings from ``LIFECYCLE_*`` environment variables (one class, read once per process)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """Every knob of the system. Environment variables are ``LIFECYCLE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="LIFECYCLE_", extra="ignore")
+
+    database_url: str = DEFAULT_DATABASE_URL
+    broker_url: str = DEFAULT_BROKER_URL
+    data_dir: Path = Path(".lifecycle")
+
+    repo_host: Literal["local", "github"] = "local"
+    sandbox_provider: Literal["local"] = "local"
+    snapshot_store: Literal["file"] = "file"
+    github_token: SecretStr | None = None
+    github_api_url: str = "https://api.github.com"
+    workspace_owner: str = "recoupable"
+    default_branch: str = "main"
+
+    default_model_id: str = "anthropic/claude-sonnet-4"
+
+    idle_timeout_seconds: float = Field(default=30 * 60, gt=0)
+    max_lifetime_seconds: float = Field(default=5 * 3600, gt=0)
+    hibernate_guard_seconds: float = Field(default=60, ge=0)
+    lease_seconds: float = Field(default=15 * 60, gt=0)
+    sweep_interval_seconds: float = Field(default=30, gt=0)
+    relay_interval_seconds: float = Field(default=5, gt=0)
+    reap_interval_seconds: float = Field(default=60, gt=0)
+    sweep_batch_size: int = Field(default=200, gt=0)
+    snapshot_retention_days: float = Field(default=30, gt=0)
+
+    task_max_retries: int = Field(default=5, ge=0)
+    retry_backoff_base_seconds: float = Field(default=1.0, gt=0)
+    retry_backoff_max_seconds: float = Field(default=60.0, gt=0)
+
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, gt=0)
+    max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    max_title_length: int = Field(default=200, gt=0)
+
+    log_level: str = "INFO"
+    log_json: bool | None = None  # None: JSON when stderr is not a TTY
+
+    flower_basic_auth: SecretStr | None = None
+
+    @property
+    def repos_dir(self) -> Path:
+        return self.data_dir / "repos"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.data_dir / "sandboxes"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_dir / "snapshots"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests call ``get_settings.cache_clear()``)."""
+    return Settings()

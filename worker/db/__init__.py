@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy models, engine (lazy, per process), unit of work, migrations."""

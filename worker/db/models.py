@@ -1,0 +1,241 @@
+"""Typed SQLAlchemy models. The schema itself is owned by Alembic migrations."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+NOW = text("now()")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: DateTime(timezone=True),
+        uuid.UUID: UUID(as_uuid=True),
+        dict[str, Any]: JSONB,
+        list[Any]: JSONB,
+    }
+
+
+class AccountRecord(Base):
+    """A person or an organization; both can own sessions and API keys."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20))  # person | organization
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
+class OrgMembershipRecord(Base):
+    __tablename__ = "org_memberships"
+
+    org_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    account_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
+class ApiKeyRecord(Base):
+    """An API key; only a SHA-256 of the secret is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    account_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    key_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class SessionRecord(Base):
+    """One agent session: its workspace branch, sandbox, snapshot, diff and lifecycle."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("accounts.id", ondelete="SET NULL")
+    )
+    artist_id: Mapped[uuid.UUID | None]
+    title: Mapped[str] = mapped_column(Text)
+    title_generated: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    status: Mapped[str] = mapped_column(String(20), server_default="running")
+    is_new_branch: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    global_skill_refs: Mapped[list[Any]] = mapped_column(server_default=text("'[]'::jsonb"))
+
+    lifecycle_state: Mapped[str] = mapped_column(String(20), server_default="provisioning")
+    lifecycle_version: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    lifecycle_run_id: Mapped[uuid.UUID | None]
+    lease_expires_at: Mapped[datetime | None]
+    lifecycle_error: Mapped[str | None] = mapped_column(Text)
+
+    repo_owner: Mapped[str | None] = mapped_column(Text)
+    repo_name: Mapped[str | None] = mapped_column(Text)
+    branch: Mapped[str | None] = mapped_column(Text)
+    clone_url: Mapped[str | None] = mapped_column(Text)
+    provisioned_at: Mapped[datetime | None]
+
+    sandbox_state: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    last_activity_at: Mapped[datetime | None]
+    sandbox_expires_at: Mapped[datetime | None]
+    hibernate_after: Mapped[datetime | None]
+
+    lines_added: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    lines_removed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+
+    snapshot_url: Mapped[str | None] = mapped_column(Text)
+    snapshot_created_at: Mapped[datetime | None]
+    snapshot_size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+
+    cached_diff: Mapped[dict[str, Any] | None]
+    cached_diff_updated_at: Mapped[datetime | None]
+
+    archived_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+    __table_args__ = (
+        # Owner listing, newest first, keyset on (created_at, id).
+        Index("ix_sessions_owner_created", "user_id", text("created_at DESC"), text("id DESC")),
+        # Generated titles are unique per owner (user titles may repeat).
+        Index(
+            "uq_sessions_owner_generated_title",
+            "user_id",
+            "title",
+            unique=True,
+            postgresql_where=text("title_generated"),
+        ),
+        # Idle sweep: only active sessions are candidates, ordered by their due time.
+        Index(
+            "ix_sessions_hibernate_due",
+            text("LEAST(hibernate_after, sandbox_expires_at)"),
+            postgresql_where=text("lifecycle_state = 'active'"),
+        ),
+        # Reaper: live leases by expiry.
+        Index(
+            "ix_sessions_lease_expiry",
+            "lease_expires_at",
+            postgresql_where=text("lifecycle_run_id IS NOT NULL"),
+        ),
+    )
+
+
+class ChatRecord(Base):
+    __tablename__ = "chats"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    session_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), index=True
+    )
+    title: Mapped[str] = mapped_column(Text)
+    model_id: Mapped[str | None] = mapped_column(Text)
+    active_stream_id: Mapped[str | None] = mapped_column(Text)
+    last_assistant_message_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
+class LifecycleRunRecord(Base):
+    """One lifecycle run (history): what was asked, by whom, and how it ended."""
+
+    __tablename__ = "lifecycle_runs"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    session_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(20))
+    trigger: Mapped[str] = mapped_column(String(20))
+    state: Mapped[str] = mapped_column(String(20), server_default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    issued_version: Mapped[int | None] = mapped_column(Integer)
+    from_version: Mapped[int | None] = mapped_column(Integer)
+    to_version: Mapped[int | None] = mapped_column(Integer)
+    task_id: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+    __table_args__ = (
+        Index("ix_lifecycle_runs_session_created", "session_id", "created_at"),
+        Index(
+            "ix_lifecycle_runs_open",
+            "session_id",
+            "kind",
+            "updated_at",
+            postgresql_where=text("state IN ('pending', 'queued', 'running')"),
+        ),
+    )
+
+
+class OutboxRecord(Base):
+    """A task to publish, written in the same transaction as the change that asks for it."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    task_name: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]]
+    queue: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    published_at: Mapped[datetime | None]
+    # A publisher (the API right after commit, or the relay) holds a record until this
+    # time so two publishers rarely send the same record; duplicates are harmless anyway.
+    claimed_until: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
+    )
+
+
+class IdempotencyKeyRecord(Base):
+    """The first response to a request carrying an ``Idempotency-Key`` (kept 24 h)."""
+
+    __tablename__ = "idempotency_keys"
+
+    account_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW, index=True)

@@ -1,0 +1,86 @@
+"""Lifecycle states, run kinds and the due-time rules (SPEC §4). Pure: no I/O."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+
+class LifecycleState(StrEnum):
+    PROVISIONING = "provisioning"
+    ACTIVE = "active"
+    HIBERNATING = "hibernating"
+    HIBERNATED = "hibernated"
+    RESTORING = "restoring"
+    ARCHIVED = "archived"
+    FAILED = "failed"
+
+
+class SessionStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ARCHIVED = "archived"
+
+
+class RunKind(StrEnum):
+    PROVISION = "provision"
+    START = "start"
+    HIBERNATE = "hibernate"
+    SNAPSHOT = "snapshot"
+    DIFF = "diff"
+    ARCHIVE = "archive"
+
+
+class RunState(StrEnum):
+    PENDING = "pending"  # waiting for the session's current run to finish
+    QUEUED = "queued"  # published (or in the outbox), not yet claimed
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # stale or duplicate delivery: no side effect
+    ABANDONED = "abandoned"  # its lease expired (worker died); the reaper re-drove it
+
+
+OPEN_RUN_STATES = (RunState.PENDING, RunState.QUEUED, RunState.RUNNING)
+FINISHED_RUN_STATES = (RunState.SUCCEEDED, RunState.FAILED, RunState.SKIPPED, RunState.ABANDONED)
+
+# The state a session shows while a run of this kind holds its lease.
+IN_PROGRESS_STATE: dict[RunKind, LifecycleState | None] = {
+    RunKind.PROVISION: LifecycleState.PROVISIONING,
+    RunKind.START: None,  # provisioning (fresh) or restoring (from a snapshot), decided at claim
+    RunKind.HIBERNATE: LifecycleState.HIBERNATING,
+    RunKind.SNAPSHOT: None,  # unchanged
+    RunKind.DIFF: None,  # unchanged
+    RunKind.ARCHIVE: None,  # unchanged until archived
+}
+
+
+def hibernate_due_at(
+    hibernate_after: datetime | None, sandbox_expires_at: datetime | None, guard: timedelta
+) -> datetime | None:
+    """When the idle sweep should hibernate: the earlier of ``hibernateAfter`` and
+    ``sandboxExpiresAt`` minus a guard (so a sandbox is saved before its host kills it)."""
+    candidates = [
+        t for t in (hibernate_after, sandbox_expires_at and sandbox_expires_at - guard) if t
+    ]
+    return min(candidates) if candidates else None
+
+
+def is_kick_satisfied(kind: RunKind, state: LifecycleState) -> bool:
+    """Whether a kick of ``kind`` asks for nothing the session does not already have."""
+    if kind is RunKind.START:
+        return state is LifecycleState.ACTIVE
+    if kind is RunKind.HIBERNATE:
+        return state in (LifecycleState.HIBERNATED, LifecycleState.ARCHIVED)
+    if kind is RunKind.ARCHIVE:
+        return state is LifecycleState.ARCHIVED
+    return False
+
+
+def coalescing_kinds(kind: RunKind) -> tuple[RunKind, ...]:
+    """Open runs of these kinds already cover a kick of ``kind``."""
+    if kind is RunKind.START:
+        # A provision run chains into a start run.
+        return (RunKind.START, RunKind.PROVISION)
+    return (kind,)

@@ -1,0 +1,110 @@
+"""structlog setup (once per process) and the redaction of secrets from every log line."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+
+_configured = False
+
+# Things that must never reach a log line, whatever key they hide under.
+_SECRET_PATTERNS = [
+    re.compile(r"gh[pousr]_[A-Za-z0-9_]{20,}"),  # GitHub tokens
+    re.compile(r"github_pat_[A-Za-z0-9_]{20,}"),
+    re.compile(r"slk_[A-Za-z0-9_\-]{20,}"),  # this project's API keys
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-]{8,}"),
+]
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@")
+_SECRET_KEYS = re.compile(r"(?i)(token|password|passwd|secret|api[_-]?key|authorization)")
+REDACTED = "[REDACTED]"
+
+
+def redact_text(value: str) -> str:
+    """Remove tokens, API keys and URL passwords from ``value``."""
+    value = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
+    for pattern in _SECRET_PATTERNS:
+        if pattern.groups:
+            value = pattern.sub(lambda m: f"{m.group(1)}{REDACTED}", value)
+        else:
+            value = pattern.sub(REDACTED, value)
+    return value
+
+
+def _redact(value: Any, key: str | None = None) -> Any:
+    if key is not None and _SECRET_KEYS.search(key) and value not in (None, "", False):
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        return {k: _redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact(v) for v in value]
+    return value
+
+
+def redact_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: scrub every value (and rendered exceptions) of secrets."""
+    for key in list(event_dict):
+        event_dict[key] = _redact(event_dict[key], key if key != "event" else None)
+    return event_dict
+
+
+def configure_logging(
+    level: str = "INFO", json: bool | None = None, *, force: bool = False
+) -> None:
+    """Set up structlog and route stdlib logging through it. Idempotent."""
+    global _configured
+    if _configured and not force:
+        return
+    if json is None:
+        json = not sys.stderr.isatty()
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_processor,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            *shared[:-2],
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared[:-2],
+        processors=[
+            structlog.processors.format_exc_info,
+            redact_processor,
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("uvicorn.access", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _configured = True
+
+
+def get_logger(name: str | None = None) -> Any:
+    return structlog.get_logger(name)

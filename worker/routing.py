@@ -1,0 +1,30 @@
+"""Where a run's task goes. The one place that decides routing (SPEC §2, providers).
+
+A local sandbox lives on one host: a run that touches a live local sandbox must run on
+the host holding it, through that host's own queue (named in ``sandboxState.queue``).
+Runs that touch no live sandbox (provisioning, a start from the shared snapshot store
+or a fresh clone) may go to any worker on the default queue.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from worker.celery_app import DEFAULT_QUEUE
+
+# Kinds that need the live sandbox when one exists.
+_SANDBOX_BOUND = frozenset({"hibernate", "snapshot", "diff", "archive"})
+
+
+def host_queue(hostname: str | None = None) -> str:
+    """The per-host queue a worker on ``hostname`` also consumes."""
+    return f"{DEFAULT_QUEUE}.host.{hostname or socket.gethostname()}"
+
+
+def queue_for(kind: str, sandbox_state: Mapping[str, Any] | None) -> str:
+    """The queue for a run of ``kind`` on a session whose sandbox is ``sandbox_state``."""
+    if kind in _SANDBOX_BOUND and sandbox_state and sandbox_state.get("queue"):
+        return str(sandbox_state["queue"])
+    return DEFAULT_QUEUE

@@ -1,0 +1,1 @@
+"""Plain service functions: entrypoints (HTTP routes, Celery tasks, CLI) call exactly one."""

@@ -1,0 +1,140 @@
+"""Accounts, organization membership and API keys."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from worker.db.models import AccountRecord, ApiKeyRecord, OrgMembershipRecord
+from worker.errors import InvalidInput, NotFound, Unauthorized
+
+KEY_PREFIX = "slk_"
+
+
+@dataclass(frozen=True)
+class NewKey:
+    id: uuid.UUID
+    key: str  # shown once, never stored
+    expires_at: datetime | None
+
+
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def create_account(db: Session, name: str, *, organization: bool = False) -> AccountRecord:
+    name = name.strip()
+    if not name or len(name) > 200:
+        raise InvalidInput("name must be 1-200 characters")
+    account = AccountRecord(
+        id=uuid.uuid4(),
+        name=name,
+        kind="organization" if organization else "person",
+        created_at=datetime.now(UTC),
+    )
+    db.add(account)
+    db.flush()
+    return account
+
+
+def get_account(db: Session, account_id: uuid.UUID) -> AccountRecord:
+    account = db.get(AccountRecord, account_id)
+    if account is None:
+        raise NotFound(f"Account {account_id} not found")
+    return account
+
+
+def add_member(db: Session, org_id: uuid.UUID, account_id: uuid.UUID) -> None:
+    org = get_account(db, org_id)
+    if org.kind != "organization":
+        raise InvalidInput(f"Account {org_id} is not an organization")
+    get_account(db, account_id)
+    db.execute(
+        insert(OrgMembershipRecord)
+        .values(org_id=org_id, account_id=account_id, created_at=datetime.now(UTC))
+        .on_conflict_do_nothing()
+    )
+
+
+def create_key(db: Session, account_id: uuid.UUID, *, expires_in: float | None = None) -> NewKey:
+    """Create an API key for ``account_id``; the secret is returned once and stored hashed."""
+    get_account(db, account_id)
+    if expires_in is not None and expires_in <= 0:
+        raise InvalidInput("expires-in must be positive")
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    now = datetime.now(UTC)
+    expires_at = now + timedelta(seconds=expires_in) if expires_in is not None else None
+    record = ApiKeyRecord(
+        id=uuid.uuid4(),
+        account_id=account_id,
+        key_hash=hash_key(secret),
+        prefix=secret[:10],
+        created_at=now,
+        expires_at=expires_at,
+    )
+    db.add(record)
+    db.flush()
+    return NewKey(id=record.id, key=secret, expires_at=expires_at)
+
+
+def revoke_key(db: Session, key_id: uuid.UUID) -> None:
+    result = db.execute(
+        update(ApiKeyRecord)
+        .where(ApiKeyRecord.id == key_id, ApiKeyRecord.revoked_at.is_(None))
+        .values(revoked_at=datetime.now(UTC))
+    )
+    if result.rowcount == 0 and db.get(ApiKeyRecord, key_id) is None:  # type: ignore[attr-defined]
+        raise NotFound(f"Key {key_id} not found")
+
+
+def authenticate(db: Session, key: str) -> uuid.UUID:
+    """The account owning ``key``; :class:`Unauthorized` for unknown, expired or revoked keys."""
+    digest = hash_key(key)
+    row = db.execute(
+        select(
+            ApiKeyRecord.key_hash,
+            ApiKeyRecord.account_id,
+            ApiKeyRecord.expires_at,
+            ApiKeyRecord.revoked_at,
+        ).where(ApiKeyRecord.key_hash == digest)
+    ).first()
+    # The lookup is by hash (an index probe); compare again in constant time anyway.
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        raise Unauthorized("Unauthorized")
+    now = datetime.now(UTC)
+    if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
+        raise Unauthorized("Unauthorized")
+    return row.account_id  # type: ignore[no-any-return]
+
+
+def can_access_org(db: Session, account_id: uuid.UUID, org_id: uuid.UUID) -> bool:
+    """Org access holds when the caller *is* the org or is a member of it."""
+    if account_id == org_id:
+        return (
+            db.execute(
+                select(AccountRecord.id).where(
+                    AccountRecord.id == org_id, AccountRecord.kind == "organization"
+                )
+            ).first()
+            is not None
+        )
+    return (
+        db.execute(
+            select(OrgMembershipRecord.org_id)
+            .join(AccountRecord, AccountRecord.id == OrgMembershipRecord.org_id)
+            .where(
+                OrgMembershipRecord.org_id == org_id,
+                OrgMembershipRecord.account_id == account_id,
+                AccountRecord.kind == "organization",
+            )
+        ).first()
+        is not None
+    )

@@ -1,0 +1,197 @@
+"""Transactional outbox: jobs are written with the change that asks for them and
+published after commit; the relay publishes whatever is still unpublished."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.db.models import OutboxRecord
+from worker.logging import get_logger, redact_text
+
+log = get_logger(__name__)
+
+CLAIM_SECONDS = 30.0
+
+
+class Publisher(Protocol):
+    """Sends one task message; raises when the broker did not accept it."""
+
+    def __call__(
+        self, task_name: str, kwargs: dict[str, Any], task_id: str, queue: str | None
+    ) -> None: ...
+
+
+class CeleryPublisher:
+    """Publishes by task name through a Celery app, failing fast when the broker is down.
+
+    After a failure it stops trying for ``cooldown`` seconds (the relay will publish), so
+    a broker outage costs the API one connect timeout, not one per request."""
+
+    def __init__(self, app: Any, cooldown: float = 2.0) -> None:
+        self.app = app
+        self.cooldown = cooldown
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(
+        self, task_name: str, kwargs: dict[str, Any], task_id: str, queue: str | None
+    ) -> None:
+        if time.monotonic() < self._down_until:
+            raise ConnectionError("broker marked unavailable; the outbox relay will publish")
+        try:
+            self.app.send_task(task_name, kwargs=kwargs, task_id=task_id, queue=queue, retry=False)
+        except Exception:
+            with self._lock:
+                self._down_until = time.monotonic() + self.cooldown
+            raise
+
+
+def add(
+    db: Session,
+    task_name: str,
+    kwargs: dict[str, Any],
+    *,
+    queue: str | None = None,
+    claim: bool = True,
+) -> OutboxRecord:
+    """Record a job in the current transaction. With ``claim`` the caller intends to
+    publish it right after commit, so the relay leaves it alone for a while."""
+    now = datetime.now(UTC)
+    record = OutboxRecord(
+        task_name=task_name,
+        payload={"kwargs": kwargs, "task_id": str(uuid.uuid4())},
+        queue=queue,
+        created_at=now,
+        claimed_until=now + timedelta(seconds=CLAIM_SECONDS) if claim else None,
+        attempts=0,
+    )
+    db.add(record)
+    return record
+
+
+@dataclass
+class RelayResult:
+    published: int = 0
+    failed: int = 0
+
+
+def _send(
+    factory: sessionmaker[Session],
+    records: Iterable[tuple[int, str, dict[str, Any], str | None]],
+    publisher: Publisher,
+) -> RelayResult:
+    result = RelayResult()
+    for record_id, task_name, payload, queue in records:
+        try:
+            publisher(task_name, payload["kwargs"], payload["task_id"], queue)
+        except Exception as exc:  # the broker refused or is down: keep it for the relay
+            result.failed += 1
+            with factory.begin() as db:
+                db.execute(
+                    update(OutboxRecord)
+                    .where(OutboxRecord.id == record_id)
+                    .values(claimed_until=None, last_error=redact_text(str(exc))[:500])
+                )
+            # One failure means the broker is likely down; stop this batch.
+            break
+        result.published += 1
+        with factory.begin() as db:
+            db.execute(
+                update(OutboxRecord)
+                .where(OutboxRecord.id == record_id, OutboxRecord.published_at.is_(None))
+                .values(published_at=func.now(), claimed_until=None)
+            )
+    return result
+
+
+def publish_now(
+    factory: sessionmaker[Session], records: list[OutboxRecord], publisher: Publisher
+) -> RelayResult:
+    """Publish records the caller just committed (and claimed)."""
+    return _send(factory, [(r.id, r.task_name, r.payload, r.queue) for r in records], publisher)
+
+
+def relay(
+    factory: sessionmaker[Session],
+    publisher: Publisher,
+    *,
+    batch_size: int = 500,
+    max_batches: int = 20,
+) -> RelayResult:
+    """Publish unpublished records, oldest first; mark each published only after the
+    broker accepted it. Safe to run concurrently (claims with SKIP LOCKED)."""
+    total = RelayResult()
+    for _ in range(max_batches):
+        with factory.begin() as db:
+            ids = (
+                select(OutboxRecord.id)
+                .where(
+                    OutboxRecord.published_at.is_(None),
+                    (OutboxRecord.claimed_until.is_(None))
+                    | (OutboxRecord.claimed_until < func.now()),
+                )
+                .order_by(OutboxRecord.id)
+                .limit(batch_size)
+                .with_for_update(skip_locked=True)
+                .scalar_subquery()
+            )
+            rows = db.execute(
+                update(OutboxRecord)
+                .where(OutboxRecord.id.in_(ids))
+                .values(
+                    claimed_until=func.now() + timedelta(seconds=CLAIM_SECONDS),
+                    attempts=OutboxRecord.attempts + 1,
+                )
+                .returning(
+                    OutboxRecord.id,
+                    OutboxRecord.task_name,
+                    OutboxRecord.payload,
+                    OutboxRecord.queue,
+                )
+            ).all()
+        if not rows:
+            break
+        rows = sorted(rows, key=lambda r: r[0])
+        result = _send(factory, [(r[0], r[1], r[2], r[3]) for r in rows], publisher)
+        total.published += result.published
+        total.failed += result.failed
+        if result.failed:
+            # Release the rest of the batch at once so the next relay retries them.
+            with factory.begin() as db:
+                db.execute(
+                    update(OutboxRecord)
+                    .where(
+                        OutboxRecord.id.in_([r[0] for r in rows]),
+                        OutboxRecord.published_at.is_(None),
+                    )
+                    .values(claimed_until=None)
+                )
+            break
+        if len(rows) < batch_size:
+            break
+    if total.published or total.failed:
+        log.info("outbox.relay", published=total.published, failed=total.failed)
+    return total
+
+
+def backlog(db: Session) -> tuple[int, float | None]:
+    """(unpublished records, age in seconds of the oldest)."""
+    count, oldest = db.execute(
+        select(func.count(), func.min(OutboxRecord.created_at)).where(
+            OutboxRecord.published_at.is_(None)
+        )
+    ).one()
+    age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else None
+    return int(count), age
+
+
+PublisherFactory = Callable[[], Publisher]

@@ -1,0 +1,140 @@
+"""Lifecycle runs: recording kicks (with coalescing) and dispatching them one at a time."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from worker.celery_app import (
+    TASK_ARCHIVE,
+    TASK_DIFF,
+    TASK_HIBERNATE,
+    TASK_PROVISION,
+    TASK_SNAPSHOT,
+    TASK_START,
+)
+from worker.db.models import LifecycleRunRecord, OutboxRecord, SessionRecord
+from worker.domain.lifecycle import (
+    OPEN_RUN_STATES,
+    LifecycleState,
+    RunKind,
+    RunState,
+    coalescing_kinds,
+    is_kick_satisfied,
+)
+from worker.routing import queue_for
+from worker.services import outbox
+
+TASK_FOR_KIND: dict[RunKind, str] = {
+    RunKind.PROVISION: TASK_PROVISION,
+    RunKind.START: TASK_START,
+    RunKind.HIBERNATE: TASK_HIBERNATE,
+    RunKind.SNAPSHOT: TASK_SNAPSHOT,
+    RunKind.DIFF: TASK_DIFF,
+    RunKind.ARCHIVE: TASK_ARCHIVE,
+}
+
+
+@dataclass
+class KickResult:
+    run: LifecycleRunRecord
+    created: bool  # False when the kick coalesced onto an existing run
+    outbox: list[OutboxRecord]
+
+
+def task_kwargs(run: LifecycleRunRecord, version: int) -> dict[str, object]:
+    return {"session_id": str(run.session_id), "run_id": str(run.id), "version": version}
+
+
+def enqueue(db: Session, session: SessionRecord, run: LifecycleRunRecord) -> OutboxRecord:
+    """Mark ``run`` queued against the session's current version and write its job."""
+    run.state = RunState.QUEUED
+    run.issued_version = session.lifecycle_version
+    run.updated_at = datetime.now(UTC)
+    kind = RunKind(run.kind)
+    return outbox.add(
+        db,
+        TASK_FOR_KIND[kind],
+        task_kwargs(run, session.lifecycle_version),
+        queue=queue_for(kind, session.sandbox_state),
+    )
+
+
+def new_run(db: Session, session: SessionRecord, kind: RunKind, trigger: str) -> LifecycleRunRecord:
+    run = LifecycleRunRecord(
+        id=uuid.uuid4(),
+        session_id=session.id,
+        kind=kind.value,
+        trigger=trigger,
+        state=RunState.PENDING,
+        attempts=0,
+        created_at=datetime.now(UTC),
+        updated_at=datetime.now(UTC),
+    )
+    db.add(run)
+    return run
+
+
+def open_runs(db: Session, session_id: uuid.UUID) -> list[LifecycleRunRecord]:
+    return list(
+        db.scalars(
+            select(LifecycleRunRecord)
+            .where(
+                LifecycleRunRecord.session_id == session_id,
+                LifecycleRunRecord.state.in_([s.value for s in OPEN_RUN_STATES]),
+            )
+            .order_by(LifecycleRunRecord.created_at, LifecycleRunRecord.id)
+        )
+    )
+
+
+def kick(db: Session, session: SessionRecord, kind: RunKind, trigger: str) -> KickResult:
+    """Ask for a run of ``kind``. The caller holds ``session`` locked (``FOR UPDATE``).
+
+    Coalesces onto an open run that already covers the kick, or onto the last run when
+    the session is already where the kick would take it. Otherwise records a new run:
+    queued (with its job in the outbox) when the session is free, else pending until the
+    current run finishes, so runs of one session never overlap."""
+    state = LifecycleState(session.lifecycle_state)
+    runs = open_runs(db, session.id)
+    for run in runs:
+        if RunKind(run.kind) in coalescing_kinds(kind):
+            return KickResult(run, created=False, outbox=[])
+    if not runs and is_kick_satisfied(kind, state):
+        last = db.scalars(
+            select(LifecycleRunRecord)
+            .where(LifecycleRunRecord.session_id == session.id)
+            .order_by(LifecycleRunRecord.created_at.desc(), LifecycleRunRecord.id.desc())
+            .limit(1)
+        ).first()
+        if last is not None:
+            return KickResult(last, created=False, outbox=[])
+    # A start on a session whose repo was never provisioned provisions first (it chains).
+    if kind is RunKind.START and session.provisioned_at is None:
+        kind = RunKind.PROVISION
+    run = new_run(db, session, kind, trigger)
+    records: list[OutboxRecord] = []
+    if not runs and session.lifecycle_run_id is None:
+        records.append(enqueue(db, session, run))
+    db.flush()
+    return KickResult(run, created=True, outbox=records)
+
+
+def dispatch_next(db: Session, session: SessionRecord) -> list[OutboxRecord]:
+    """After a run finished (same transaction): queue the oldest pending run, if any."""
+    pending = db.scalars(
+        select(LifecycleRunRecord)
+        .where(
+            LifecycleRunRecord.session_id == session.id,
+            LifecycleRunRecord.state == RunState.PENDING.value,
+        )
+        .order_by(LifecycleRunRecord.created_at, LifecycleRunRecord.id)
+        .limit(1)
+    ).first()
+    if pending is None:
+        return []
+    return [enqueue(db, session, pending)]

@@ -1,0 +1,356 @@
+"""Sessions: create (with first chat and provision job), read, update, list."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from worker.config import Settings
+from worker.db.models import ChatRecord, OutboxRecord, SessionRecord
+from worker.domain.lifecycle import LifecycleState, RunKind, SessionStatus
+from worker.errors import Forbidden, InvalidInput, NotFound
+from worker.services import accounts, runs
+
+_ADJECTIVES = [
+    "Amber",
+    "Brisk",
+    "Calm",
+    "Clever",
+    "Cobalt",
+    "Crimson",
+    "Daring",
+    "Eager",
+    "Gentle",
+    "Golden",
+    "Hidden",
+    "Humble",
+    "Ivory",
+    "Jolly",
+    "Keen",
+    "Lively",
+    "Lucky",
+    "Mellow",
+    "Misty",
+    "Nimble",
+    "Noble",
+    "Olive",
+    "Patient",
+    "Plucky",
+    "Quiet",
+    "Rapid",
+    "Rustic",
+    "Scarlet",
+    "Silent",
+    "Silver",
+    "Steady",
+    "Sunny",
+    "Swift",
+    "Tidy",
+    "Topaz",
+    "Vivid",
+    "Wandering",
+    "Witty",
+    "Zesty",
+]
+_NOUNS = [
+    "Anchor",
+    "Badger",
+    "Beacon",
+    "Birch",
+    "Canyon",
+    "Cedar",
+    "Comet",
+    "Coral",
+    "Delta",
+    "Falcon",
+    "Fern",
+    "Fjord",
+    "Harbor",
+    "Heron",
+    "Island",
+    "Juniper",
+    "Lagoon",
+    "Lantern",
+    "Maple",
+    "Meadow",
+    "Meteor",
+    "Orchid",
+    "Otter",
+    "Pebble",
+    "Pine",
+    "Prairie",
+    "Quartz",
+    "Raven",
+    "Reef",
+    "River",
+    "Sparrow",
+    "Spruce",
+    "Summit",
+    "Thistle",
+    "Tundra",
+    "Valley",
+    "Willow",
+    "Wren",
+]
+
+
+def generate_title() -> str:
+    """A human-readable title; uniqueness per owner is enforced by a partial unique index."""
+    return (
+        f"{secrets.choice(_ADJECTIVES)} {secrets.choice(_NOUNS)} {secrets.randbelow(9000) + 1000}"
+    )
+
+
+@dataclass
+class CreateSession:
+    title: str | None = None
+    organization_id: uuid.UUID | None = None
+    artist_id: uuid.UUID | None = None
+
+
+@dataclass
+class Created:
+    session: SessionRecord
+    chat: ChatRecord
+    outbox: list[OutboxRecord] = field(default_factory=list)
+
+
+def workspace_repo(
+    settings: Settings, account_id: uuid.UUID, org_id: uuid.UUID | None
+) -> tuple[str, str]:
+    """``<owner>/<accountId>`` for a personal session, ``<owner>/<organizationId>`` for an org one."""
+    return settings.workspace_owner, str(org_id or account_id)
+
+
+def create_session(
+    db: Session,
+    settings: Settings,
+    account_id: uuid.UUID,
+    data: CreateSession,
+    *,
+    clone_url: str,
+    sandbox_type: str,
+) -> Created:
+    """Insert the session, its first chat, a provision run and its outbox job, in the
+    caller's transaction. ``clone_url`` is where the workspace repo will be cloned from."""
+    if data.organization_id is not None and not accounts.can_access_org(
+        db, account_id, data.organization_id
+    ):
+        raise Forbidden("Access denied to specified organization_id")
+    title = (data.title or "").strip()
+    if len(title) > settings.max_title_length:
+        raise InvalidInput(
+            f"title must be at most {settings.max_title_length} characters",
+            missing_fields=["title"],
+        )
+    now = datetime.now(UTC)
+    owner, name = workspace_repo(settings, account_id, data.organization_id)
+    session_id = uuid.uuid4()
+    values: dict[str, Any] = {
+        "id": session_id,
+        "user_id": account_id,
+        "organization_id": data.organization_id,
+        "artist_id": data.artist_id,
+        "title": title,
+        "title_generated": not title,
+        "status": SessionStatus.RUNNING.value,
+        "is_new_branch": True,
+        "global_skill_refs": [],
+        "lifecycle_state": LifecycleState.PROVISIONING.value,
+        "lifecycle_version": 0,
+        "repo_owner": owner,
+        "repo_name": name,
+        "branch": f"session/{session_id}",
+        "clone_url": clone_url,
+        "sandbox_state": {"type": sandbox_type},
+        "lines_added": 0,
+        "lines_removed": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+    # A generated title that collides with one of the owner's is simply drawn again:
+    # ON CONFLICT on the partial unique index costs no savepoint and no extra round trip.
+    for _ in range(50):
+        if values["title_generated"]:
+            values["title"] = generate_title()
+        inserted = db.execute(
+            pg_insert(SessionRecord)
+            .values(**values)
+            .on_conflict_do_nothing(
+                index_elements=["user_id", "title"], index_where=text("title_generated")
+            )
+            .returning(SessionRecord.id)
+        ).first()
+        if inserted is not None:
+            break
+    else:  # pragma: no cover - 50 collisions in a space of millions
+        raise RuntimeError("could not generate a unique session title")
+    record = SessionRecord(**values)  # detached copy for the caller; the row is inserted
+    chat = ChatRecord(
+        id=uuid.uuid4(),
+        session_id=session_id,
+        title="New chat",
+        model_id=settings.default_model_id,
+        created_at=now,
+        updated_at=now,
+    )
+    db.add(chat)
+    # A brand-new session has no runs yet: its provision run is queued directly.
+    run = runs.new_run(db, record, RunKind.PROVISION, "create")
+    job = runs.enqueue(db, record, run)
+    db.flush()
+    return Created(record, chat, [job])
+
+
+def get_owned(
+    db: Session, account_id: uuid.UUID, session_id: str, *, lock: bool = False
+) -> SessionRecord:
+    """The session ``session_id`` if ``account_id`` owns it: 404 unknown, 403 foreign."""
+    try:
+        sid = uuid.UUID(session_id)
+    except ValueError:
+        raise NotFound("Session not found") from None
+    stmt = select(SessionRecord).where(SessionRecord.id == sid)
+    if lock:
+        stmt = stmt.with_for_update()
+    record = db.scalars(stmt).first()
+    if record is None:
+        raise NotFound("Session not found")
+    if record.user_id != account_id:
+        raise Forbidden("Forbidden")
+    return record
+
+
+def first_chat(db: Session, session_id: uuid.UUID) -> ChatRecord | None:
+    return db.scalars(
+        select(ChatRecord)
+        .where(ChatRecord.session_id == session_id)
+        .order_by(ChatRecord.created_at, ChatRecord.id)
+        .limit(1)
+    ).first()
+
+
+@dataclass
+class SessionPatch:
+    title: str | None = None
+    status: SessionStatus | None = None
+    lines_added: int | None = None
+    lines_removed: int | None = None
+
+
+def patch_session(
+    db: Session, settings: Settings, record: SessionRecord, patch: SessionPatch
+) -> list[OutboxRecord]:
+    """Apply ``patch`` to the locked ``record``. Archiving kicks the archive run;
+    ``archived`` -> ``running`` un-archives (the sandbox returns on the next start)."""
+    jobs: list[OutboxRecord] = []
+    changed = False
+    if patch.title is not None:
+        title = patch.title.strip()
+        if not title:
+            raise InvalidInput("title must not be blank", missing_fields=["title"])
+        if len(title) > settings.max_title_length:
+            raise InvalidInput(f"title must be at most {settings.max_title_length} characters")
+        record.title, record.title_generated, changed = title, False, True
+    for attr in ("lines_added", "lines_removed"):
+        value = getattr(patch, attr)
+        if value is not None:
+            setattr(record, attr, value)
+            changed = True
+    if patch.status is not None and patch.status.value != record.status:
+        previous = record.status
+        record.status = patch.status.value
+        changed = True
+        if patch.status is SessionStatus.ARCHIVED:
+            record.archived_at = datetime.now(UTC)
+            jobs += runs.kick(db, record, RunKind.ARCHIVE, "api").outbox
+        elif previous == SessionStatus.ARCHIVED.value:
+            record.archived_at = None
+            if record.lifecycle_state == LifecycleState.ARCHIVED.value:
+                # Un-archive is a lifecycle transition of its own: archived -> hibernated.
+                record.lifecycle_state = LifecycleState.HIBERNATED.value
+                record.lifecycle_version += 1
+    if changed:
+        record.updated_at = datetime.now(UTC)
+    db.flush()
+    return jobs
+
+
+def encode_cursor(created_at: datetime, session_id: uuid.UUID) -> str:
+    raw = f"{created_at.isoformat()}|{session_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, sid = raw.split("|", 1)
+        created = datetime.fromisoformat(stamp)
+        if created.tzinfo is None:
+            raise ValueError
+        return created, uuid.UUID(sid)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("cursor is not valid", missing_fields=["cursor"]) from None
+
+
+def list_sessions(
+    db: Session,
+    account_id: uuid.UUID,
+    *,
+    status: SessionStatus | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[SessionRecord], str | None]:
+    """The caller's sessions, newest first, keyset-paginated on (createdAt, id)."""
+    stmt = select(SessionRecord).where(SessionRecord.user_id == account_id)
+    if status is not None:
+        stmt = stmt.where(SessionRecord.status == status.value)
+    if cursor:
+        created, sid = decode_cursor(cursor)
+        stmt = stmt.where(
+            or_(
+                SessionRecord.created_at < created,
+                and_(SessionRecord.created_at == created, SessionRecord.id < sid),
+            )
+        )
+    rows = list(
+        db.scalars(
+            stmt.order_by(SessionRecord.created_at.desc(), SessionRecord.id.desc()).limit(limit + 1)
+        )
+    )
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
+    return rows, next_cursor
+
+
+def record_activity(db: Session, settings: Settings, record: SessionRecord) -> bool:
+    """The client's heartbeat: while the sandbox is active, push ``hibernateAfter`` out.
+    Returns whether anything changed (an inactive sandbox is left alone)."""
+    now = datetime.now(UTC)
+    result = db.execute(
+        update(SessionRecord)
+        .where(
+            SessionRecord.id == record.id,
+            SessionRecord.lifecycle_state == LifecycleState.ACTIVE.value,
+        )
+        .values(
+            last_activity_at=now,
+            hibernate_after=now + timedelta(seconds=settings.idle_timeout_seconds),
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount:  # type: ignore[attr-defined]
+        db.refresh(record)
+        return True
+    return False
