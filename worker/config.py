@@ -55,6 +55,9 @@ class Settings(BaseSettings):
 
     flower_basic_auth: SecretStr | None = None
 
+    # Tests and chaos drills: a JSON file of provider faults (see worker/providers/faults.py).
+    fault_plan: Path | None = None
+
     @property
     def repos_dir(self) -> Path:
         return self.data_dir / "repos"

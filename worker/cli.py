@@ -1,0 +1,312 @@
+"""``lifecycle``: the operator's command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from typing import Annotated, Any
+
+import typer
+
+from worker.config import get_settings
+
+app = typer.Typer(
+    help="Session Lifecycle Worker: run and operate the control plane.", no_args_is_help=True
+)
+accounts_app = typer.Typer(help="Manage accounts (people and organizations).", no_args_is_help=True)
+orgs_app = typer.Typer(help="Manage organization membership.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+sessions_app = typer.Typer(help="Inspect and kick sessions.", no_args_is_help=True)
+app.add_typer(accounts_app, name="accounts")
+app.add_typer(orgs_app, name="orgs")
+app.add_typer(keys_app, name="keys")
+app.add_typer(sessions_app, name="sessions")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _uuid(value: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        _fail(f"{what} must be a UUID, got {value!r}")
+        raise  # unreachable
+
+
+def _db() -> Any:
+    from worker.db.engine import get_sessionmaker
+
+    return get_sessionmaker().begin()
+
+
+def _domain(fn: Any) -> Any:
+    from worker.errors import DomainError
+
+    try:
+        return fn()
+    except DomainError as exc:
+        _fail(exc.message)
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (Alembic) up to the newest."""
+    from worker.db.migrate import upgrade
+
+    upgrade()
+    typer.echo("database migrated")
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+) -> None:
+    """Run the HTTP API (uvicorn)."""
+    import uvicorn
+
+    uvicorn.run(
+        "api_stub.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+    )
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(
+    ctx: typer.Context,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", help="Worker processes/threads")
+    ] = 2,
+    pool: Annotated[str, typer.Option(help="prefork | threads | solo")] = "prefork",
+    queues: Annotated[str | None, typer.Option("--queues", "-Q", help="Extra queues")] = None,
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
+) -> None:
+    """Run a Celery worker on the default queue and this host's own queue.
+
+    Extra arguments are passed to ``celery worker`` unchanged."""
+    from worker.celery_app import DEFAULT_QUEUE
+    from worker.celery_app import app as celery_app
+    from worker.logging import configure_logging
+    from worker.routing import host_queue
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    names = [DEFAULT_QUEUE, host_queue()] + ([q for q in queues.split(",") if q] if queues else [])
+    argv = [
+        "worker",
+        f"--concurrency={concurrency}",
+        f"--pool={pool}",
+        f"--queues={','.join(names)}",
+        f"--loglevel={loglevel}",
+        "--events",
+        *ctx.args,
+    ]
+    celery_app.worker_main(argv)
+
+
+@app.command()
+def beat(loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO") -> None:
+    """Run Celery beat (the scheduled sweeps)."""
+    from worker.celery_app import app as celery_app
+    from worker.logging import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    schedule = settings.data_dir / "celerybeat-schedule"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    celery_app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
+
+
+@app.command()
+def sweep(
+    name: Annotated[
+        str, typer.Argument(help="hibernate_idle | relay_outbox | reap_runs | expire_snapshots")
+    ],
+) -> None:
+    """Run one sweep once and print what it did."""
+    from worker.services import sweeps
+    from worker.tasks import service
+
+    fns = {
+        "hibernate_idle": sweeps.hibernate_idle,
+        "relay_outbox": sweeps.relay_outbox,
+        "reap_runs": sweeps.reap_runs,
+        "expire_snapshots": sweeps.expire_snapshots,
+    }
+    fn = fns.get(name.replace("sweeps.", "").replace("-", "_"))
+    if fn is None:
+        _fail(f"unknown sweep {name!r}; one of: {', '.join(fns)}")
+        return
+    typer.echo(json.dumps(fn(service())))
+
+
+@accounts_app.command("create")
+def accounts_create(
+    name: Annotated[str, typer.Option("--name", help="Display name")],
+    org: Annotated[bool, typer.Option("--org", help="Create an organization")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Create a person (or, with --org, an organization) account."""
+    from worker.services import accounts
+
+    with _db() as db:
+        account = _domain(lambda: accounts.create_account(db, name, organization=org))
+        account_id = str(account.id)
+    typer.echo(json.dumps({"id": account_id}) if as_json else account_id)
+
+
+@orgs_app.command("add-member")
+def orgs_add_member(
+    org: Annotated[str, typer.Option("--org", help="Organization account id")],
+    account: Annotated[str, typer.Option("--account", help="Member account id")],
+) -> None:
+    """Make ACCOUNT a member of ORG."""
+    from worker.services import accounts
+
+    org_id, account_id = _uuid(org, "--org"), _uuid(account, "--account")
+    with _db() as db:
+        _domain(lambda: accounts.add_member(db, org_id, account_id))
+    typer.echo(f"{account_id} is a member of {org_id}")
+
+
+@keys_app.command("create")
+def keys_create(
+    account: Annotated[str, typer.Option("--account", help="Account id")],
+    expires_in: Annotated[
+        float | None, typer.Option("--expires-in", help="Seconds until expiry")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Create an API key. The key is shown once; only its hash is stored."""
+    from worker.services import accounts
+
+    account_id = _uuid(account, "--account")
+    with _db() as db:
+        key = _domain(lambda: accounts.create_key(db, account_id, expires_in=expires_in))
+    if as_json:
+        typer.echo(json.dumps({"id": str(key.id), "key": key.key}))
+    else:
+        typer.echo(f"id:  {key.id}\nkey: {key.key}\n(store the key now: it is not shown again)")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="Key id")]) -> None:
+    """Revoke an API key at once."""
+    from worker.services import accounts
+
+    kid = _uuid(key_id, "key id")
+    with _db() as db:
+        _domain(lambda: accounts.revoke_key(db, kid))
+    typer.echo(f"revoked {kid}")
+
+
+@sessions_app.command("list")
+def sessions_list(
+    account: Annotated[str | None, typer.Option("--account", help="Only this owner")] = None,
+    state: Annotated[str | None, typer.Option("--state", help="Only this lifecycleState")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many")] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List sessions, newest first."""
+    from sqlalchemy import select
+
+    from worker.db.models import SessionRecord
+
+    stmt = select(SessionRecord).order_by(SessionRecord.created_at.desc()).limit(limit)
+    if account:
+        stmt = stmt.where(SessionRecord.user_id == _uuid(account, "--account"))
+    if state:
+        stmt = stmt.where(SessionRecord.lifecycle_state == state)
+    with _db() as db:
+        rows = [
+            {
+                "id": str(s.id),
+                "title": s.title,
+                "state": s.lifecycle_state,
+                "version": s.lifecycle_version,
+                "status": s.status,
+                "error": s.lifecycle_error,
+            }
+            for s in db.scalars(stmt)
+        ]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "title", "state", "v", "status", "error")
+    for r in rows:
+        table.add_row(
+            r["id"], r["title"], r["state"], str(r["version"]), r["status"], r["error"] or ""
+        )
+    Console().print(table)
+
+
+@sessions_app.command("show")
+def sessions_show(session_id: Annotated[str, typer.Argument()]) -> None:
+    """Show one session and its run history as JSON."""
+    from sqlalchemy import select
+
+    from api_stub.schemas import run_dict, session_dict
+    from worker.db.models import LifecycleRunRecord, SessionRecord
+
+    sid = _uuid(session_id, "session id")
+    with _db() as db:
+        record = db.get(SessionRecord, sid)
+        if record is None:
+            _fail("Session not found")
+            return
+        history = db.scalars(
+            select(LifecycleRunRecord)
+            .where(LifecycleRunRecord.session_id == sid)
+            .order_by(LifecycleRunRecord.created_at)
+        )
+        out = {"session": session_dict(record), "runs": [run_dict(r) for r in history]}
+    typer.echo(json.dumps(out, indent=2))
+
+
+@sessions_app.command("kick")
+def sessions_kick(
+    session_id: Annotated[str, typer.Argument()],
+    kind: Annotated[str, typer.Argument(help="start | hibernate | snapshot | diff | archive")],
+) -> None:
+    """Ask for a lifecycle run, exactly as the API's kick endpoints do."""
+    from worker.celery_app import app as celery_app
+    from worker.db.engine import get_sessionmaker
+    from worker.db.models import SessionRecord
+    from worker.domain.lifecycle import RunKind
+    from worker.services import outbox, runs
+
+    sid = _uuid(session_id, "session id")
+    try:
+        run_kind = RunKind(kind)
+    except ValueError:
+        _fail(f"unknown kind {kind!r}")
+        return
+    with _db() as db:
+        record = db.get(SessionRecord, sid, with_for_update=True)
+        if record is None:
+            _fail("Session not found")
+            return
+        result = runs.kick(db, record, run_kind, "cli")
+        run_id, created, jobs = str(result.run.id), result.created, result.outbox
+    outbox.publish_now(get_sessionmaker(), jobs, outbox.CeleryPublisher(celery_app))
+    typer.echo(json.dumps({"run": run_id, "coalesced": not created}))
+
+
+def main() -> None:  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app(prog_name="lifecycle")
+    sys.exit(0)

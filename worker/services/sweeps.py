@@ -1,0 +1,205 @@
+"""Scheduled sweeps (Celery beat): idle hibernation, outbox relay, stuck-run reaper,
+snapshot expiry. Each is safe to run twice at once and returns what it did."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import exists, func, or_, select, update
+
+from worker.db.models import LifecycleRunRecord, OutboxRecord, SessionRecord
+from worker.domain.lifecycle import OPEN_RUN_STATES, LifecycleState, RunKind, RunState
+from worker.logging import get_logger
+from worker.services import outbox, runs
+
+if TYPE_CHECKING:
+    from worker.services.lifecycle import LifecycleService
+
+log = get_logger(__name__)
+S = SessionRecord
+R = LifecycleRunRecord
+
+MAX_BATCHES = 50
+
+
+def _open_run_exists() -> Any:
+    return exists().where(R.session_id == S.id, R.state.in_([s.value for s in OPEN_RUN_STATES]))
+
+
+def due_candidates_query(guard_seconds: float, batch: int) -> Any:
+    """Active, unleased sessions past their due time, oldest due first, over the partial
+    expression index ``ix_sessions_hibernate_due`` (its cost follows the due rows)."""
+    from worker.services.lifecycle import no_active_stream
+
+    guard = timedelta(seconds=guard_seconds)
+    due_key = func.least(S.hibernate_after, S.sandbox_expires_at)
+    return (
+        select(S)
+        .where(
+            S.lifecycle_state == LifecycleState.ACTIVE.value,
+            # Index condition (a superset, exact for the guard-free part) ...
+            due_key <= func.now() + guard,
+            # ... and the precise rule of SPEC §4.
+            or_(S.hibernate_after <= func.now(), S.sandbox_expires_at - guard <= func.now()),
+            S.lifecycle_run_id.is_(None),
+            no_active_stream(),
+            ~_open_run_exists(),
+        )
+        .order_by(due_key)
+        .limit(batch)
+        .with_for_update(of=S, skip_locked=True)
+    )
+
+
+def hibernate_idle(svc: LifecycleService) -> dict[str, Any]:
+    """Queue a hibernate run (trigger ``sweep``) for every due session. The run's claim
+    re-checks that the session is still idle, so activity in between wins."""
+    settings = svc.settings
+    queued = 0
+    for _ in range(MAX_BATCHES):
+        with svc.factory.begin() as db:
+            due = list(
+                db.scalars(
+                    due_candidates_query(
+                        settings.hibernate_guard_seconds, settings.sweep_batch_size
+                    )
+                )
+            )
+            jobs = [
+                runs.enqueue(db, s, runs.new_run(db, s, RunKind.HIBERNATE, "sweep")) for s in due
+            ]
+        svc._publish(jobs)
+        queued += len(due)
+        if len(due) < settings.sweep_batch_size:
+            break
+    return {"queued": queued}
+
+
+def relay_outbox(svc: LifecycleService) -> dict[str, Any]:
+    if svc.publisher is None:
+        return {"published": 0, "failed": 0}
+    result = outbox.relay(svc.factory, svc.publisher)
+    return {"published": result.published, "failed": result.failed}
+
+
+def _state_after_abandon(run: LifecycleRunRecord, session: SessionRecord) -> str:
+    """Undo the claim's in-progress state so the re-driven run's claim is eligible."""
+    kind = RunKind(run.kind)
+    if kind is RunKind.HIBERNATE:
+        return LifecycleState.ACTIVE.value
+    if kind is RunKind.START:
+        return (
+            LifecycleState.HIBERNATED.value
+            if session.snapshot_url
+            else LifecycleState.PROVISIONING.value
+        )
+    return session.lifecycle_state
+
+
+def reap_runs(svc: LifecycleService) -> dict[str, Any]:
+    """Expired leases: mark the run abandoned, release the lease and queue a new run of
+    the same kind (trigger ``reaper``). Queued runs whose message never ran (lost by the
+    broker) are published again; sessions left with only pending runs are dispatched."""
+    lease = timedelta(seconds=svc.settings.lease_seconds)
+    reaped = republished = dispatched = 0
+    jobs: list[OutboxRecord] = []
+    with svc.factory.begin() as db:
+        expired = list(
+            db.scalars(
+                select(S)
+                .where(S.lifecycle_run_id.is_not(None), S.lease_expires_at < func.now())
+                .order_by(S.lease_expires_at)
+                .limit(svc.settings.sweep_batch_size)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        for s in expired:
+            run = db.get(R, s.lifecycle_run_id, with_for_update=True)
+            s.lifecycle_run_id = None
+            s.lease_expires_at = None
+            s.updated_at = datetime.now(UTC)
+            if run is None:
+                continue
+            s.lifecycle_state = _state_after_abandon(run, s)
+            if run.state in (RunState.QUEUED.value, RunState.RUNNING.value):
+                svc._finish_run(db, run, RunState.ABANDONED, error="lease expired (worker lost)")
+            db.flush()
+            again = runs.new_run(db, s, RunKind(run.kind), "reaper")
+            jobs.append(runs.enqueue(db, s, again))
+            reaped += 1
+        # Queued runs nobody picked up for a whole lease: their message was lost.
+        stale = list(
+            db.execute(
+                select(R, S)
+                .join(S, S.id == R.session_id)
+                .where(
+                    R.state == RunState.QUEUED.value,
+                    R.updated_at < func.now() - lease,
+                    S.lifecycle_run_id.is_(None),
+                )
+                .limit(svc.settings.sweep_batch_size)
+                .with_for_update(of=R, skip_locked=True)
+            ).tuples()
+        )
+        for run, s in stale:
+            jobs.append(runs.enqueue(db, s, run))
+            republished += 1
+        # Pending runs with nothing ahead of them (their predecessor ended without
+        # dispatching, e.g. a crash right after recording).
+        orphaned = list(
+            db.scalars(
+                select(S)
+                .where(
+                    S.lifecycle_run_id.is_(None),
+                    exists().where(R.session_id == S.id, R.state == RunState.PENDING.value),
+                    ~exists().where(
+                        R.session_id == S.id,
+                        R.state.in_([RunState.QUEUED.value, RunState.RUNNING.value]),
+                    ),
+                )
+                .limit(svc.settings.sweep_batch_size)
+                .with_for_update(of=S, skip_locked=True)
+            )
+        )
+        for s in orphaned:
+            jobs += runs.dispatch_next(db, s)
+            dispatched += 1
+    svc._publish(jobs)
+    return {"reaped": reaped, "republished": republished, "dispatched": dispatched}
+
+
+def expire_snapshots(svc: LifecycleService) -> dict[str, Any]:
+    """Delete the snapshots of sessions archived longer than the retention."""
+    retention = timedelta(days=svc.settings.snapshot_retention_days)
+    deleted = 0
+    for _ in range(MAX_BATCHES):
+        with svc.factory.begin() as db:
+            rows = list(
+                db.execute(
+                    select(S.id, S.snapshot_url)
+                    .where(
+                        S.lifecycle_state == LifecycleState.ARCHIVED.value,
+                        S.archived_at < func.now() - retention,
+                        S.snapshot_url.is_not(None),
+                        S.lifecycle_run_id.is_(None),
+                    )
+                    .limit(svc.settings.sweep_batch_size)
+                    .with_for_update(skip_locked=True)
+                ).tuples()
+            )
+            if rows:
+                db.execute(
+                    update(S)
+                    .where(S.id.in_([r[0] for r in rows]))
+                    .values(snapshot_url=None, snapshot_created_at=None, snapshot_size_bytes=None)
+                )
+        # Delete after the commit: the row never points at a missing file, and a crash
+        # here leaves at worst an unreferenced file.
+        for _sid, url in rows:
+            if url is not None:
+                svc.providers.snapshots.delete(url)
+        deleted += len(rows)
+        if len(rows) < svc.settings.sweep_batch_size:
+            break
+    return {"deleted": deleted}

@@ -1,0 +1,123 @@
+"""Celery tasks: thin wrappers that bind log context and call one service function.
+
+Each lifecycle task takes the session id, the run id and the ``lifecycleVersion`` the
+job was issued against; the service decides (inside its claim) whether it still applies.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from typing import Any
+
+import structlog
+from celery import Task
+from celery.signals import worker_process_init
+
+from worker.celery_app import (
+    SWEEP_EXPIRE_SNAPSHOTS,
+    SWEEP_HIBERNATE_IDLE,
+    SWEEP_REAP_RUNS,
+    SWEEP_RELAY_OUTBOX,
+    TASK_ARCHIVE,
+    TASK_DIFF,
+    TASK_HIBERNATE,
+    TASK_PROVISION,
+    TASK_SNAPSHOT,
+    TASK_START,
+    app,
+)
+from worker.config import get_settings
+from worker.db.engine import get_sessionmaker, reset_engine
+from worker.domain.lifecycle import RunKind
+from worker.logging import configure_logging, get_logger
+from worker.providers.registry import build_providers
+from worker.services import sweeps
+from worker.services.lifecycle import LifecycleService
+from worker.services.outbox import CeleryPublisher
+
+log = get_logger(__name__)
+
+
+@worker_process_init.connect
+def _fresh_process(**_: Any) -> None:
+    # A forked pool process must not share the parent's database sockets.
+    reset_engine()
+    service.cache_clear()
+
+
+@lru_cache(maxsize=1)
+def service() -> LifecycleService:
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return LifecycleService(
+        settings, get_sessionmaker(), build_providers(settings), CeleryPublisher(app)
+    )
+
+
+def _run(task: Task, kind: RunKind, session_id: str, run_id: str, version: int) -> dict[str, Any]:
+    task_id = task.request.id
+    with structlog.contextvars.bound_contextvars(
+        session_id=session_id, run_id=run_id, task_id=task_id, kind=kind.value, version=version
+    ):
+        outcome = service().execute(kind, session_id, run_id, version, task_id=task_id)
+        log.info(
+            "lifecycle.run",
+            outcome=outcome.status,
+            reason=outcome.reason or None,
+            from_version=outcome.from_version,
+            to_version=outcome.to_version,
+            attempt=task.request.retries + 1,
+            duration_ms=round(outcome.duration * 1000, 1),
+        )
+        if outcome.status == "retry":
+            raise task.retry(countdown=outcome.retry_in, max_retries=None)
+        return {"outcome": outcome.status, "reason": outcome.reason}
+
+
+def _lifecycle_task(name: str, kind: RunKind) -> Any:
+    @app.task(name=name, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def task(self: Task, session_id: str, run_id: str, version: int) -> dict[str, Any]:
+        return _run(self, kind, session_id, run_id, version)
+
+    task.__doc__ = f"Lifecycle run of kind {kind.value!r}."
+    return task
+
+
+provision = _lifecycle_task(TASK_PROVISION, RunKind.PROVISION)
+start = _lifecycle_task(TASK_START, RunKind.START)
+hibernate = _lifecycle_task(TASK_HIBERNATE, RunKind.HIBERNATE)
+snapshot = _lifecycle_task(TASK_SNAPSHOT, RunKind.SNAPSHOT)
+diff = _lifecycle_task(TASK_DIFF, RunKind.DIFF)
+archive = _lifecycle_task(TASK_ARCHIVE, RunKind.ARCHIVE)
+
+
+def _sweep(name: str, fn: Any) -> dict[str, Any]:
+    started = time.monotonic()
+    result: dict[str, Any] = fn(service())
+    log.info(name, duration_ms=round((time.monotonic() - started) * 1000, 1), **result)
+    return result
+
+
+@app.task(name=SWEEP_HIBERNATE_IDLE)
+def hibernate_idle() -> dict[str, Any]:
+    """Hibernate sessions whose idle or lifetime deadline has passed."""
+    return _sweep(SWEEP_HIBERNATE_IDLE, sweeps.hibernate_idle)
+
+
+@app.task(name=SWEEP_RELAY_OUTBOX)
+def relay_outbox() -> dict[str, Any]:
+    """Publish outbox records the API or a worker could not publish."""
+    return _sweep(SWEEP_RELAY_OUTBOX, sweeps.relay_outbox)
+
+
+@app.task(name=SWEEP_REAP_RUNS)
+def reap_runs() -> dict[str, Any]:
+    """Release expired leases and re-drive their sessions."""
+    return _sweep(SWEEP_REAP_RUNS, sweeps.reap_runs)
+
+
+@app.task(name=SWEEP_EXPIRE_SNAPSHOTS)
+def expire_snapshots() -> dict[str, Any]:
+    """Delete snapshots of sessions archived longer than the retention."""
+    return _sweep(SWEEP_EXPIRE_SNAPSHOTS, sweeps.expire_snapshots)
