@@ -1,0 +1,474 @@
+"""FileSnapshotStore against real files, real tar and real zstd (no mocks)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from worker.providers.base import PermanentProviderError, SnapshotStore
+from worker.providers.file_snapshots import FileSnapshotStore
+
+GIT_ENV = {
+    **os.environ,
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
+
+Manifest = dict[str, tuple[object, ...]]
+
+
+def git(*args: str, cwd: Path) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, env=GIT_ENV, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def manifest(root: Path) -> Manifest:
+    """path -> (kind, mode, sha256 | link target) for everything below ``root``."""
+    out: Manifest = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            st = path.lstat()
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", mode)
+            elif stat.S_ISREG(st.st_mode):
+                out[rel] = ("file", mode, hashlib.sha256(path.read_bytes()).hexdigest())
+            elif stat.S_ISFIFO(st.st_mode):
+                out[rel] = ("fifo", mode)
+            else:
+                out[rel] = ("other",)
+    return out
+
+
+def make_workdir(root: Path) -> Path:
+    """A git working tree in every state a sandbox can be in."""
+    work = root / "work"
+    work.mkdir()
+    git("init", "-q", "-b", "main", cwd=work)
+    (work / "tracked.txt").write_text("one\ntwo\n")
+    (work / "gone.txt").write_text("to be deleted\n")
+    (work / "src").mkdir()
+    (work / "src" / "app.py").write_text("print('hi')\n")
+    git("add", "-A", cwd=work)
+    git("commit", "-qm", "initial", cwd=work)
+    git("checkout", "-qb", "session/x", cwd=work)
+    (work / "tracked.txt").write_text("one\nTWO\nthree\n")  # modified, uncommitted
+    (work / "gone.txt").unlink()  # deleted, uncommitted
+    (work / "untracked.md").write_text("# notes\n")  # untracked
+    (work / "blob.bin").write_bytes(bytes(range(256)) * 64 + os.urandom(4096))  # binary
+    (work / "run.sh").write_text("#!/bin/sh\necho ok\n")
+    (work / "run.sh").chmod(0o755)  # exec bit
+    (work / "readonly.txt").write_text("ro\n")
+    (work / "readonly.txt").chmod(0o444)
+    (work / "empty-dir").mkdir()
+    (work / "private").mkdir(mode=0o700)
+    (work / "private" / "k").write_text("k")
+    (work / "link-to-file").symlink_to("src/app.py")  # symlinks inside the tree
+    (work / "src" / "link-up").symlink_to("../tracked.txt")
+    (work / "link-to-dir").symlink_to("src")
+    (work / "dangling").symlink_to("not-there-yet")
+    deep = work / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    (deep / ("f" * 90 + ".txt")).write_text("long path\n")  # > 100 chars: GNU long names
+    (work / "spaces and ünïcödé.txt").write_text("ok\n")
+    os.link(work / "src" / "app.py", work / "hardlinked.py")
+    os.mkfifo(work / "pipe")
+    (work / "ro-dir").mkdir()
+    (work / "ro-dir" / "inside.txt").write_text("x\n")
+    (work / "ro-dir").chmod(0o555)
+    return work
+
+
+def make_writable(path: Path) -> None:
+    for dirpath, dirnames, _ in os.walk(path):
+        for name in dirnames:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                p.chmod(0o755)
+
+
+STORE_VARIANTS = ["zstd-binary", "zstd-library", "python-tarfile"]
+
+
+def make_store(root: Path, variant: str) -> FileSnapshotStore:
+    if variant == "zstd-binary":
+        if shutil.which("zstd") is None:
+            pytest.skip("no zstd binary on PATH")
+        return FileSnapshotStore(root, use_zstd_binary=True)
+    if variant == "zstd-library":
+        return FileSnapshotStore(root, use_zstd_binary=False)
+    return FileSnapshotStore(root, use_zstd_binary=False, use_tar_binary=False)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileSnapshotStore:
+    return FileSnapshotStore(tmp_path / "snapshots")
+
+
+def test_implements_protocol(store: FileSnapshotStore) -> None:
+    assert isinstance(store, SnapshotStore)
+    assert store.kind == "file"
+
+
+@pytest.mark.parametrize("variant", STORE_VARIANTS)
+def test_round_trip_is_byte_for_byte(tmp_path: Path, variant: str) -> None:
+    store = make_store(tmp_path / "snapshots", variant)
+    work = make_workdir(tmp_path)
+    status_before = git("status", "--porcelain", cwd=work)
+    before = manifest(work)
+
+    info = store.save("sess-1/snap-1", work)
+    assert info.url == (tmp_path / "snapshots" / "sess-1" / "snap-1.tar.zst").as_uri()
+    assert info.size_bytes == (tmp_path / "snapshots" / "sess-1" / "snap-1.tar.zst").stat().st_size
+    assert info.size_bytes > 0
+    assert info.created_at.tzinfo is not None
+    assert info.created_at.utcoffset() == UTC.utcoffset(None)
+
+    target = tmp_path / "restored"
+    store.restore(info.url, target)
+    after = manifest(target)
+    assert after == before
+    assert stat.S_IMODE(target.stat().st_mode) == stat.S_IMODE(work.stat().st_mode)
+    a, b = target / "src" / "app.py", target / "hardlinked.py"
+    assert a.stat().st_ino == b.stat().st_ino  # hard links stay hard links
+    assert git("status", "--porcelain", cwd=target) == status_before
+    assert git("rev-parse", "--abbrev-ref", "HEAD", cwd=target).strip() == "session/x"
+    assert "TWO" in git("diff", cwd=target)
+    make_writable(work)
+    make_writable(target)
+
+
+def test_restore_into_existing_empty_dir(store: FileSnapshotStore, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("a")
+    info = store.save("k", src)
+    target = tmp_path / "empty"
+    target.mkdir()
+    store.restore(info.url, target)
+    assert (target / "a.txt").read_text() == "a"
+
+
+def test_restore_into_non_empty_dir_is_refused(store: FileSnapshotStore, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("a")
+    info = store.save("k", src)
+    target = tmp_path / "busy"
+    target.mkdir()
+    (target / "mine.txt").write_text("keep")
+    with pytest.raises(PermanentProviderError, match="not empty"):
+        store.restore(info.url, target)
+    assert [p.name for p in target.iterdir()] == ["mine.txt"]
+
+
+def test_save_is_idempotent_per_key(store: FileSnapshotStore, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("first")
+    first = store.save("same", src)
+    (src / "a.txt").write_text("second, longer")
+    second = store.save("same", src)
+    assert first.url == second.url
+    assert store.count() == 1
+    assert [p.name for p in store.root.iterdir()] == ["same.tar.zst"]  # no temp leftovers
+    target = tmp_path / "out"
+    store.restore(second.url, target)
+    assert (target / "a.txt").read_text() == "second, longer"
+
+
+def test_count_and_delete(store: FileSnapshotStore, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    assert store.count() == 0
+    one = store.save("s/1", src)
+    two = store.save("s/2", src)
+    store.save("other", src)
+    assert store.count() == 3
+    store.delete(one.url)
+    store.delete(one.url)  # idempotent
+    assert store.count() == 2
+    store.delete(two.url)
+    assert store.count() == 1
+    with pytest.raises(PermanentProviderError, match="not found"):
+        store.restore(one.url, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("key", ["", "../x", "/abs", "a//b", ".hidden", "a/../b", "a/.", "x y"])
+def test_unsafe_keys_are_refused(store: FileSnapshotStore, tmp_path: Path, key: str) -> None:
+    with pytest.raises(PermanentProviderError, match="invalid snapshot key"):
+        store.save(key, tmp_path)
+    assert not store.root.exists() or store.count() == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://bucket/k.tar.zst",
+        "https://example.com/k.tar.zst",
+        "file:///etc/passwd",
+        "file://otherhost/{root}/k.tar.zst",
+        "file://{root}/../k.tar.zst",
+        "file://{root}/k.tar",
+        "{root}/k.tar.zst",
+    ],
+)
+def test_foreign_urls_are_refused(store: FileSnapshotStore, tmp_path: Path, url: str) -> None:
+    url = url.format(root=store.root)
+    with pytest.raises(PermanentProviderError, match="not a file:// URL of this store"):
+        store.restore(url, tmp_path / "t")
+    with pytest.raises(PermanentProviderError):
+        store.delete(url)
+    assert not (tmp_path / "t").exists()
+
+
+def test_missing_source_dir_is_permanent(store: FileSnapshotStore, tmp_path: Path) -> None:
+    with pytest.raises(PermanentProviderError, match="source directory is missing"):
+        store.save("k", tmp_path / "nope")
+
+
+# ------------------------------------------------------------------ corrupt archives
+
+
+def _tar_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _zstd(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data)
+
+
+def _good_archive(tmp_path: Path, store: FileSnapshotStore) -> bytes:
+    src = tmp_path / "good-src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(os.urandom(20000))
+    (src / "b.txt").write_text("b" * 5000)
+    info = store.save("good", src)
+    return store.path_for("good").read_bytes() if info.url else b""
+
+
+def _corruptions(good: bytes) -> dict[str, bytes]:
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    tar = _tar_bytes({"a.txt": b"hello"})
+    return {
+        "empty": b"",
+        "random": os.urandom(4096),
+        "half": good[: len(good) // 2],
+        "missing-checksum": good[:-3],
+        "flipped-byte": bytes(flipped),
+        "zstd-of-garbage": _zstd(b"\x01garbage" * 1000),
+        "trailing-junk": good + b"not zstd at all",
+        "junk-after-tar-end": _zstd(tar + b"\x07" * 1024),
+        "plain-tar": tar,
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty",
+        "random",
+        "half",
+        "missing-checksum",
+        "flipped-byte",
+        "zstd-of-garbage",
+        "trailing-junk",
+        "junk-after-tar-end",
+        "plain-tar",
+    ],
+)
+def test_corrupt_archive_is_permanent(store: FileSnapshotStore, tmp_path: Path, case: str) -> None:
+    blob = _corruptions(_good_archive(tmp_path, store))[case]
+    store.path_for("bad").write_bytes(blob)
+    target = tmp_path / "target"
+    with pytest.raises(PermanentProviderError, match="snapshot bad is corrupt"):
+        store.restore(store.url_for("bad"), target)
+    assert not target.exists()
+
+
+def test_failed_restore_leaves_existing_empty_target_empty(
+    store: FileSnapshotStore, tmp_path: Path
+) -> None:
+    store.root.mkdir(parents=True)
+    store.path_for("bad").write_bytes(_zstd(_tar_bytes({"a": b"1"}) + b"\x07" * 2048))
+    target = tmp_path / "target"
+    target.mkdir(mode=0o750)
+    with pytest.raises(PermanentProviderError):
+        store.restore(store.url_for("bad"), target)
+    assert target.is_dir()
+    assert list(target.iterdir()) == []
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750
+
+
+# ---------------------------------------------------------------- malicious archives
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"pwned", link: str = "") -> tuple[tarfile.TarInfo, bytes]:  # fmt: skip
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, data
+
+
+def _write_archive(store: FileSnapshotStore, key: str, members: list[tuple[tarfile.TarInfo, bytes]]) -> str:  # fmt: skip
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    store.root.mkdir(parents=True, exist_ok=True)
+    store.path_for(key).write_bytes(_zstd(buf.getvalue()))
+    return store.url_for(key)
+
+
+SAFE_FIRST = _member("ok.txt", data=b"fine")
+
+MALICIOUS: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {
+    "dotdot": [SAFE_FIRST, _member("../escape")],
+    "dotdot-nested": [SAFE_FIRST, _member("sub/../../escape")],
+    "absolute": [SAFE_FIRST, _member("/tmp/abs-escape")],
+    "symlink-absolute": [SAFE_FIRST, _member("etc", tarfile.SYMTYPE, link="/etc")],
+    "symlink-dotdot": [SAFE_FIRST, _member("up", tarfile.SYMTYPE, link="../..")],
+    "symlink-deep-dotdot": [
+        _member("sub", tarfile.DIRTYPE),
+        _member("sub/up", tarfile.SYMTYPE, link="../../escape"),
+    ],
+    "symlink-chain": [
+        # lexically "escape" stays inside, but d resolves to "." first: ../escape.
+        _member("d", tarfile.SYMTYPE, link="."),
+        _member("x", tarfile.SYMTYPE, link="d/../escape"),
+    ],
+    "symlink-chain-later": [
+        _member("x", tarfile.SYMTYPE, link="sub/d/../../escape"),
+        _member("sub", tarfile.DIRTYPE),
+        _member("sub/d", tarfile.SYMTYPE, link="."),
+    ],
+    "hardlink-dotdot": [SAFE_FIRST, _member("h", tarfile.LNKTYPE, link="../outside.txt")],
+    "hardlink-absolute": [SAFE_FIRST, _member("h", tarfile.LNKTYPE, link="/etc/passwd")],
+    "hardlink-not-in-archive": [SAFE_FIRST, _member("h", tarfile.LNKTYPE, link="outside.txt")],
+    "hardlink-to-symlink": [
+        _member("sub", tarfile.DIRTYPE),
+        _member("sub/l", tarfile.SYMTYPE, link="../ok.txt"),
+        _member("h", tarfile.LNKTYPE, link="sub/l"),
+    ],
+    "under-symlinked-dir-escaping": [
+        _member("link", tarfile.SYMTYPE, link="sub/../.."),
+        _member("link/escape"),
+    ],
+    "under-symlinked-dir-inside": [
+        _member("sub", tarfile.DIRTYPE),
+        _member("link", tarfile.SYMTYPE, link="sub"),
+        _member("link/escape"),
+    ],
+    "symlink-replaced-by-file": [
+        _member("a", tarfile.SYMTYPE, link="ok.txt"),
+        _member("a", data=b"overwrite through link"),
+    ],
+    "dir-replaced-by-symlink": [
+        _member("sub/f", data=b"x"),
+        _member("sub", tarfile.SYMTYPE, link="."),
+    ],
+    "char-device": [SAFE_FIRST, _member("null", tarfile.CHRTYPE)],
+    "block-device": [SAFE_FIRST, _member("disk", tarfile.BLKTYPE)],
+    "root-replaced": [_member(".", tarfile.SYMTYPE, link="/tmp")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALICIOUS))
+def test_malicious_archive_is_refused(store: FileSnapshotStore, tmp_path: Path, case: str) -> None:
+    url = _write_archive(store, "evil", MALICIOUS[case])
+    parent = tmp_path / "sandboxes"
+    parent.mkdir()
+    target = parent / "target"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(PermanentProviderError, match="snapshot evil refused: member '") as err:
+        store.restore(url, target)
+    # Nothing written anywhere: not the target, not beside it, not above it.
+    assert list(parent.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert not Path("/tmp/abs-escape").exists()
+    assert "pwned" not in str(err.value)
+
+
+def test_refusal_message_names_the_member(store: FileSnapshotStore, tmp_path: Path) -> None:
+    url = _write_archive(store, "evil", MALICIOUS["dotdot"])
+    with pytest.raises(PermanentProviderError) as err:
+        store.restore(url, tmp_path / "t")
+    assert str(err.value) == (
+        "snapshot evil refused: member '../escape' would land outside the sandbox"
+    )
+
+
+def test_internal_symlinks_and_loops_are_accepted(store: FileSnapshotStore, tmp_path: Path) -> None:
+    url = _write_archive(
+        store,
+        "fine",
+        [
+            _member("sub", tarfile.DIRTYPE),
+            _member("sub/file", data=b"data"),
+            _member("to-file", tarfile.SYMTYPE, link="sub/file"),
+            _member("sub/up", tarfile.SYMTYPE, link="../to-file"),
+            _member("sub/self", tarfile.SYMTYPE, link="."),
+            _member("via-self", tarfile.SYMTYPE, link="sub/self/file"),
+            _member("loop-a", tarfile.SYMTYPE, link="loop-b"),
+            _member("loop-b", tarfile.SYMTYPE, link="loop-a"),
+            _member("hard", tarfile.LNKTYPE, link="sub/file"),
+        ],
+    )
+    target = tmp_path / "t"
+    store.restore(url, target)
+    assert (target / "sub" / "up").read_bytes() == b"data"
+    assert (target / "via-self").read_bytes() == b"data"
+    assert (target / "hard").stat().st_ino == (target / "sub" / "file").stat().st_ino
+    assert os.readlink(target / "loop-a") == "loop-b"
+
+
+def test_setuid_bits_are_dropped(store: FileSnapshotStore, tmp_path: Path) -> None:
+    info, data = _member("suid", data=b"#!/bin/sh\n")
+    info.mode = 0o4755
+    url = _write_archive(store, "suid", [(info, data)])
+    store.restore(url, tmp_path / "t")
+    assert stat.S_IMODE((tmp_path / "t" / "suid").stat().st_mode) == 0o755
+
+
+def test_abandoned_temp_files_are_swept(store: FileSnapshotStore, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    store.root.mkdir(parents=True)
+    old = store.root / ".k.tar.zst.killed.tmp"
+    fresh = store.root / ".k.tar.zst.running.tmp"
+    old.write_bytes(b"partial")
+    fresh.write_bytes(b"partial")
+    os.utime(old, (1_000_000_000, 1_000_000_000))
+    store.save("k", src)
+    assert not old.exists()
+    assert fresh.exists()
+    assert store.count() == 1

@@ -1,0 +1,663 @@
+"""File snapshot store: ``tar`` + zstd archives under a directory, ``file://`` URLs.
+
+Saving streams ``tar -C <dir> -cf - .`` through the ``zstd`` binary when it is on PATH
+(multi-threaded, checksummed) or through the ``zstandard`` library otherwise, into a
+temporary file that is fsynced and atomically renamed to ``<root>/<key>.tar.zst``.
+
+Restoring never trusts the archive. A first pass decompresses and reads every member
+header *before anything is written*, and refuses the archive unless every member:
+
+* has a relative name without ``..`` components;
+* is a directory, regular file, symbolic link, hard link or FIFO (no devices);
+* is not below a symbolic link or a non-directory member of the archive;
+* appears once (directories may repeat);
+* if a symbolic link: has a relative target that, resolved through all the archive's
+  other symbolic links exactly as the kernel would, stays inside the target directory;
+* if a hard link: points at an earlier file or link member of the archive.
+
+The zstd frames must be complete with valid checksums and nothing but tar padding may
+follow the end of the archive; otherwise the archive is reported corrupt. A second pass
+then extracts with ``O_EXCL | O_NOFOLLOW`` into the (empty or new) target directory.
+Permissions are restored without setuid/setgid/sticky bits and ownership is never
+changed. On any failure the target directory is left as it was found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+from urllib.parse import unquote, urlsplit
+
+import zstandard
+
+from worker.providers.base import (
+    PermanentProviderError,
+    ProviderError,
+    SnapshotInfo,
+    TransientProviderError,
+)
+
+__all__ = ["FileSnapshotStore"]
+
+SUFFIX = ".tar.zst"
+STALE_TEMP_SECONDS = 6 * 3600.0
+
+_KEY_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_MAX_KEY_SEGMENTS = 8
+_COPY_CHUNK = 1 << 20
+# Compressed bytes fed to the decompressor per call. zstd can expand input ~32768x
+# (runs of one byte), so this bounds the memory a hostile archive can make us use.
+_DECOMPRESS_INPUT_CHUNK = 2048
+_MAX_SYMLINK_HOPS = 40
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# GNU tar exits 1 when a file changed while it was read (a live sandbox); the archive is
+# still complete and valid.
+_TAR_BENIGN_WARNINGS = ("file changed as we read it", "file removed before we read it")
+
+
+class _CorruptArchive(Exception):
+    """The archive cannot be decoded (raised inside the reader, reported as permanent)."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One validated archive member."""
+
+    raw_name: str
+    name: str  # normalized, relative to the target; "" is the target itself
+    kind: str  # dir | file | symlink | hardlink | fifo
+    link: str  # symlink target (verbatim) or hard-link source (normalized name)
+    mode: int
+    mtime: float
+
+
+def _show(value: str, limit: int = 200) -> str:
+    """A member name safe to put in a message (printable, bounded)."""
+    cleaned = "".join(ch if ch.isprintable() else "?" for ch in value)
+    return cleaned if len(cleaned) <= limit else cleaned[:limit] + "..."
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _tail(data: bytes, lines: int = 3) -> str:
+    text = data.decode("utf-8", "replace").strip().splitlines()
+    return " / ".join(line.strip() for line in text[-lines:] if line.strip())[:500]
+
+
+class _ZstdReader:
+    """Decompress a zstd file as a stream, refusing truncated or damaged frames.
+
+    ``zstandard``'s ``stream_reader`` silently stops at a truncated frame, so frames are
+    decoded with ``decompressobj`` (which reports ``eof`` only for a complete frame and
+    verifies the content checksum). Also records where the last non-zero byte of the
+    decompressed stream ends, to check that only padding follows the tar end marker.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._dobj: Any = self._dctx.decompressobj()
+        self._in_frame = False
+        self._frames = 0
+        self._buf = bytearray()
+        self._eof = False
+        self._pos = 0
+        self._produced = 0
+        self.last_nonzero_end = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        while (size < 0 or len(self._buf) < size) and not self._eof:
+            self._fill()
+        if size < 0 or size >= len(self._buf):
+            out = bytes(self._buf)
+            self._buf.clear()
+        else:
+            out = bytes(self._buf[:size])
+            del self._buf[:size]
+        self._pos += len(out)
+        return out
+
+    def write(self, b: bytes, /) -> int:
+        raise OSError(errno.EBADF, "snapshot reader is read-only")
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, /) -> int:
+        if pos != self._pos:
+            raise OSError(errno.ESPIPE, "snapshot reader cannot seek")
+        return pos
+
+    def close(self) -> None:
+        self._buf.clear()
+
+    def drain(self) -> None:
+        """Read (and check) the rest of the stream."""
+        while not self._eof:
+            self._fill()
+            self._buf.clear()
+
+    def _fill(self) -> None:
+        chunk = self._raw.read(_DECOMPRESS_INPUT_CHUNK)
+        if not chunk:
+            if self._in_frame:
+                raise _CorruptArchive("it is truncated (incomplete zstd frame)")
+            if self._frames == 0:
+                raise _CorruptArchive("it is empty")
+            self._eof = True
+            return
+        while chunk:
+            self._in_frame = True
+            try:
+                data = self._dobj.decompress(chunk)
+            except zstandard.ZstdError as exc:
+                raise _CorruptArchive(f"it is not valid zstd data ({exc})") from exc
+            if data:
+                stripped = len(data.rstrip(b"\0"))
+                if stripped:
+                    self.last_nonzero_end = self._produced + stripped
+                self._produced += len(data)
+                self._buf += data
+            if self._dobj.eof:
+                self._frames += 1
+                self._in_frame = False
+                chunk = self._dobj.unused_data
+                self._dobj = self._dctx.decompressobj()
+            else:
+                chunk = b""
+
+
+def _normalize(name: str) -> list[str] | None:
+    """Path components of a member name, or None if it is absolute or has ``..``."""
+    if name.startswith("/"):
+        return None
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        return None
+    return parts
+
+
+def _stays_inside(start: list[str], link: str, symlinks: dict[tuple[str, ...], str]) -> bool:
+    """Whether following ``link`` from directory ``start`` stays inside the root.
+
+    Emulates the kernel's path walk over the archive's final tree: each component that
+    is a symbolic link is replaced by its target, ``..`` climbs the *resolved* path.
+    A loop (too many hops) never resolves anywhere, so it cannot leave the root.
+    """
+    if link.startswith("/"):
+        return False
+    resolved = list(start)
+    pending = list(reversed(link.split("/")))
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not resolved:
+                return False
+            resolved.pop()
+            continue
+        resolved.append(part)
+        target = symlinks.get(tuple(resolved))
+        if target is not None:
+            hops += 1
+            if hops > _MAX_SYMLINK_HOPS:
+                return True
+            if target.startswith("/"):
+                return False
+            resolved.pop()
+            pending.extend(reversed(target.split("/")))
+    return True
+
+
+class FileSnapshotStore:
+    """:class:`~worker.providers.base.SnapshotStore` over ``.tar.zst`` files on disk."""
+
+    kind = "file"
+
+    def __init__(
+        self,
+        root: Path,
+        level: int = 3,
+        *,
+        use_zstd_binary: bool | None = None,
+        use_tar_binary: bool | None = None,
+    ) -> None:
+        if not 1 <= level <= 22:
+            raise ValueError("zstd level must be between 1 and 22")
+        self._root = Path(root).expanduser().resolve()
+        self._level = level
+        zstd_bin = shutil.which("zstd")
+        tar_bin = shutil.which("tar")
+        self._zstd_bin = zstd_bin if use_zstd_binary in (None, True) else None
+        self._tar_bin = tar_bin if use_tar_binary in (None, True) else None
+        if use_zstd_binary and zstd_bin is None:
+            raise ValueError("use_zstd_binary=True but no 'zstd' on PATH")
+        if use_tar_binary and tar_bin is None:
+            raise ValueError("use_tar_binary=True but no 'tar' on PATH")
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    # -- naming ----------------------------------------------------------------------
+
+    def path_for(self, key: str) -> Path:
+        """Where snapshot ``key`` is stored. Keys are ``/``-separated safe segments."""
+        segments = key.split("/") if isinstance(key, str) else []
+        if (
+            not segments
+            or len(segments) > _MAX_KEY_SEGMENTS
+            or not all(_KEY_SEGMENT.fullmatch(seg) and ".." not in seg for seg in segments)
+        ):
+            raise PermanentProviderError(
+                f"invalid snapshot key {_show(str(key))!r}: use '/'-separated segments of "
+                "letters, digits, '.', '_' or '-'"
+            )
+        return self._root.joinpath(*segments[:-1], segments[-1] + SUFFIX)
+
+    def url_for(self, key: str) -> str:
+        return self.path_for(key).as_uri()
+
+    def key_for(self, url: str) -> str:
+        """The key of a ``file://`` URL of this store (refuses anything else)."""
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme != "file" or parts.netloc not in ("", "localhost"):
+            raise PermanentProviderError("snapshot URL is not a file:// URL of this store")
+        path = Path(os.path.normpath(unquote(parts.path)))
+        if not path.is_relative_to(self._root) or not path.name.endswith(SUFFIX):
+            raise PermanentProviderError("snapshot URL is not a file:// URL of this store")
+        rel = path.relative_to(self._root).as_posix()
+        key = rel[: -len(SUFFIX)]
+        if self.path_for(key) != path:
+            raise PermanentProviderError("snapshot URL is not a file:// URL of this store")
+        return key
+
+    # -- SnapshotStore -------------------------------------------------------------
+
+    def save(self, key: str, source_dir: Path) -> SnapshotInfo:
+        final = self.path_for(key)
+        source = Path(source_dir)
+        if not source.is_dir():
+            raise PermanentProviderError(f"cannot snapshot {key}: source directory is missing")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temps(final)
+            fd, tmp_name = tempfile.mkstemp(
+                prefix=f".{final.name}.", suffix=".tmp", dir=final.parent
+            )
+        except OSError as exc:
+            raise self._os_error(f"cannot write snapshot {key}", exc) from exc
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                self._write_archive(key, source, out)
+                out.flush()
+                os.fsync(out.fileno())
+                size = os.fstat(out.fileno()).st_size
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._os_error(f"cannot write snapshot {key}", exc) from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+        return SnapshotInfo(url=final.as_uri(), size_bytes=size, created_at=datetime.now(UTC))
+
+    def restore(self, url: str, target_dir: Path) -> None:
+        key = self.key_for(url)
+        path = self.path_for(key)
+        target = Path(target_dir)
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            raise PermanentProviderError(
+                f"cannot restore snapshot {key}: target is not a directory"
+            )
+        if target.is_dir() and any(target.iterdir()):
+            raise PermanentProviderError(
+                f"cannot restore snapshot {key}: target directory is not empty"
+            )
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 -- closed below, used by both passes
+        except FileNotFoundError:
+            raise PermanentProviderError(f"snapshot {key} not found") from None
+        except OSError as exc:
+            raise PermanentProviderError(f"snapshot {key} cannot be read: {exc.strerror}") from None
+        with fh:
+            plan = self._scan(key, fh)
+            created = not target.exists()
+            mode = None if created else stat.S_IMODE(target.stat().st_mode)
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+                fh.seek(0)
+                self._extract(key, fh, plan, target)
+            except BaseException:
+                self._undo(target, mode)
+                raise
+
+    def delete(self, url: str) -> None:
+        path = self.path_for(self.key_for(url))
+        path.unlink(missing_ok=True)
+
+    def count(self) -> int:
+        if not self._root.is_dir():
+            return 0
+        return sum(
+            1
+            for path in self._root.rglob("*" + SUFFIX)
+            if path.is_file()
+            and not any(part.startswith(".") for part in path.relative_to(self._root).parts)
+        )
+
+    # -- save internals ------------------------------------------------------------
+
+    def _write_archive(self, key: str, source: Path, out: IO[bytes]) -> None:
+        if self._tar_bin is None:
+            self._write_with_tarfile(source, out)
+            return
+        tar_cmd = [self._tar_bin, "-C", str(source), "--numeric-owner", "-cf", "-", "."]
+        env = {**os.environ, "LC_ALL": "C"}
+        with tempfile.TemporaryFile() as tar_err, tempfile.TemporaryFile() as zstd_err:
+            tar = subprocess.Popen(tar_cmd, stdout=subprocess.PIPE, stderr=tar_err, env=env)
+            assert tar.stdout is not None
+            zstd_rc = 0
+            try:
+                if self._zstd_bin is not None:
+                    zstd_cmd = [self._zstd_bin, "-q", f"-{self._level}", "-T0", "-c"]
+                    if self._level > 19:
+                        zstd_cmd.insert(1, "--ultra")
+                    try:
+                        zstd = subprocess.Popen(
+                            zstd_cmd, stdin=tar.stdout, stdout=out, stderr=zstd_err, env=env
+                        )
+                    finally:
+                        tar.stdout.close()  # zstd holds the pipe now
+                    zstd_rc = zstd.wait()
+                else:
+                    cctx = zstandard.ZstdCompressor(
+                        level=self._level, threads=-1, write_checksum=True
+                    )
+                    cctx.copy_stream(tar.stdout, out, read_size=_COPY_CHUNK, write_size=_COPY_CHUNK)
+            finally:
+                tar.stdout.close()
+                tar_rc = tar.wait()
+            tar_err.seek(0)
+            tar_msg = tar_err.read()
+            zstd_err.seek(0)
+            zstd_msg = zstd_err.read()
+        if zstd_rc != 0:
+            detail = _tail(zstd_msg) or f"exit status {zstd_rc}"
+            if "no space left" in detail.lower():
+                raise TransientProviderError(f"cannot write snapshot {key}: {detail}")
+            raise PermanentProviderError(f"cannot write snapshot {key}: zstd failed: {detail}")
+        benign = tar_rc == 1 and any(
+            w in tar_msg.decode("utf-8", "replace") for w in _TAR_BENIGN_WARNINGS
+        )
+        if tar_rc != 0 and not benign:
+            detail = _tail(tar_msg) or f"exit status {tar_rc}"
+            raise PermanentProviderError(f"cannot write snapshot {key}: tar failed: {detail}")
+
+    def _write_with_tarfile(self, source: Path, out: IO[bytes]) -> None:
+        """Fallback when there is no ``tar`` binary: Python's tarfile, same layout."""
+        cctx = zstandard.ZstdCompressor(level=self._level, threads=-1, write_checksum=True)
+        with (
+            cctx.stream_writer(out, closefd=False) as writer,
+            tarfile.open(fileobj=writer, mode="w|", format=tarfile.GNU_FORMAT) as tf,
+        ):
+            tf.add(str(source), arcname=".", recursive=True)
+
+    @staticmethod
+    def _remove_stale_temps(final: Path) -> None:
+        """Temporary files of ``final`` left by a process killed long ago."""
+        now = time.time()
+        for stale in final.parent.glob(f".{final.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                if now - stale.stat().st_mtime > STALE_TEMP_SECONDS:
+                    stale.unlink()
+
+    # -- restore internals ---------------------------------------------------------
+
+    def _scan(self, key: str, fh: BinaryIO) -> list[_Entry]:
+        """Validation pass: read every header, refuse anything unsafe, write nothing."""
+        reader = _ZstdReader(fh)
+        entries: list[_Entry] = []
+        kinds: dict[str, str] = {}
+        symlinks: dict[tuple[str, ...], str] = {}
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tf:
+                for member in tf:
+                    entries.append(self._check_member(key, member, kinds, symlinks))
+                end = tf.offset
+            reader.drain()
+        except _CorruptArchive as exc:
+            raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+        except (tarfile.TarError, EOFError, OSError, ValueError, zstandard.ZstdError) as exc:
+            raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+        if reader.last_nonzero_end > end:
+            raise PermanentProviderError(
+                f"snapshot {key} is corrupt: unreadable data after member {len(entries)}"
+            )
+        if not entries:
+            raise PermanentProviderError(f"snapshot {key} is corrupt: it holds no files")
+        for entry in entries:
+            if entry.kind == "symlink":
+                start = entry.name.split("/")[:-1]
+                if not _stays_inside(start, entry.link, symlinks):
+                    raise PermanentProviderError(
+                        f"snapshot {key} refused: member '{_show(entry.raw_name)}' is a symbolic "
+                        f"link to '{_show(entry.link)}', which points outside the sandbox"
+                    )
+        return entries
+
+    @staticmethod
+    def _check_member(
+        key: str,
+        member: tarfile.TarInfo,
+        kinds: dict[str, str],
+        symlinks: dict[tuple[str, ...], str],
+    ) -> _Entry:
+        raw = member.name
+
+        def refuse(reason: str) -> PermanentProviderError:
+            return PermanentProviderError(f"snapshot {key} refused: member '{_show(raw)}' {reason}")
+
+        if not raw or "\x00" in raw:
+            raise refuse("has an empty or invalid name")
+        parts = _normalize(raw)
+        if parts is None:
+            raise refuse("would land outside the sandbox")
+        name = "/".join(parts)
+
+        link = ""
+        if member.isdir():
+            kind = "dir"
+        elif member.isreg():
+            kind = "file"
+        elif member.issym():
+            kind = "symlink"
+            link = member.linkname
+            if not link or "\x00" in link:
+                raise refuse("is a symbolic link with an empty target")
+            if link.startswith("/"):
+                raise refuse(
+                    f"is a symbolic link to the absolute path '{_show(link)}' outside the sandbox"
+                )
+        elif member.islnk():
+            kind = "hardlink"
+            source = _normalize(member.linkname)
+            if source is None or not source:
+                raise refuse(f"is a hard link to '{_show(member.linkname)}', outside the sandbox")
+            link = "/".join(source)
+            # Only files: a hard link to a symbolic link would be that link re-rooted in
+            # another directory, where its relative target could point elsewhere.
+            if kinds.get(link) not in ("file", "hardlink"):
+                raise refuse(
+                    f"is a hard link to '{_show(member.linkname)}', which is not an earlier "
+                    "file of the snapshot"
+                )
+        elif member.isfifo():
+            kind = "fifo"
+        elif member.ischr() or member.isblk():
+            raise refuse("is a device file")
+        else:
+            raise refuse("has an unsupported type")
+
+        if not parts and kind != "dir":
+            raise refuse("would replace the sandbox directory itself")
+        for depth in range(1, len(parts)):
+            prefix = "/".join(parts[:depth])
+            seen = kinds.get(prefix)
+            if seen == "symlink":
+                raise refuse(
+                    f"would be written through the symbolic link '{_show(prefix)}', "
+                    "possibly outside the sandbox"
+                )
+            if seen is None:
+                kinds[prefix] = "dir"
+            elif seen != "dir":
+                raise refuse(f"is below '{_show(prefix)}', which is not a directory")
+        seen = kinds.get(name)
+        if seen is not None and not (seen == "dir" and kind == "dir"):
+            raise refuse("appears more than once in the snapshot")
+        kinds[name] = kind
+        if kind == "symlink":
+            symlinks[tuple(parts)] = link
+        return _Entry(
+            raw_name=raw,
+            name=name,
+            kind=kind,
+            link=link,
+            mode=member.mode & 0o777,
+            mtime=float(member.mtime),
+        )
+
+    def _extract(self, key: str, fh: BinaryIO, plan: list[_Entry], target: Path) -> None:
+        """Extraction pass over the members the scan accepted, in the same order."""
+        root = str(target)
+        dirs: list[tuple[str, _Entry]] = []
+        index = 0
+        try:
+            with tarfile.open(fileobj=_ZstdReader(fh), mode="r|") as tf:
+                for member in tf:
+                    if index >= len(plan) or member.name != plan[index].raw_name:
+                        raise _CorruptArchive("it changed while being restored")
+                    entry = plan[index]
+                    index += 1
+                    path = os.path.join(root, entry.name) if entry.name else root
+                    try:
+                        self._extract_one(tf, member, entry, root, path, dirs)
+                    except OSError as exc:
+                        raise self._os_error(
+                            f"cannot restore snapshot {key}: member '{_show(entry.raw_name)}'", exc
+                        ) from None
+        except _CorruptArchive as exc:
+            raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+        except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
+            raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+        except OSError as exc:
+            raise self._os_error(f"cannot restore snapshot {key}", exc) from None
+        if index != len(plan):
+            raise PermanentProviderError(
+                f"snapshot {key} is corrupt: it changed while being restored"
+            )
+
+        # Directory permissions and times last, deepest first, so that read-only
+        # directories did not block their own contents.
+        def depth(item: tuple[str, _Entry]) -> int:
+            name = item[1].name
+            return name.count("/") + 1 if name else 0
+
+        for path, entry in sorted(dirs, key=depth, reverse=True):
+            try:
+                os.chmod(path, entry.mode)
+                os.utime(path, (entry.mtime, entry.mtime))
+            except OSError as exc:
+                raise self._os_error(f"cannot restore snapshot {key}", exc) from None
+
+    @staticmethod
+    def _extract_one(
+        tf: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        entry: _Entry,
+        root: str,
+        path: str,
+        dirs: list[tuple[str, _Entry]],
+    ) -> None:
+        if entry.kind == "dir":
+            if entry.name:
+                os.makedirs(path, mode=0o700, exist_ok=True)
+            dirs.append((path, entry))
+            return
+        parent = os.path.dirname(path)
+        if parent != root:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        if entry.kind == "file":
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(path, flags, 0o600)
+            with os.fdopen(fd, "wb", buffering=0) as out:
+                data = tf.extractfile(member)
+                if data is not None:
+                    shutil.copyfileobj(data, out, _COPY_CHUNK)
+                os.fchmod(fd, entry.mode)
+                os.utime(fd, (entry.mtime, entry.mtime))
+        elif entry.kind == "symlink":
+            os.symlink(entry.link, path)
+            os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
+        elif entry.kind == "hardlink":
+            os.link(os.path.join(root, entry.link), path, follow_symlinks=False)
+        elif entry.kind == "fifo":
+            os.mkfifo(path, entry.mode)
+            os.chmod(path, entry.mode)
+            os.utime(path, (entry.mtime, entry.mtime))
+
+    @staticmethod
+    def _undo(target: Path, mode: int | None) -> None:
+        """Put ``target`` back as it was before a failed restore: missing (``mode`` is
+        None) or empty with permissions ``mode``."""
+        if not target.exists():
+            return
+        with contextlib.suppress(OSError):
+            os.chmod(target, 0o700)
+        for dirpath, dirnames, _files in os.walk(target):
+            for dirname in dirnames:
+                with contextlib.suppress(OSError):
+                    child = os.path.join(dirpath, dirname)
+                    if not os.path.islink(child):
+                        os.chmod(child, 0o700)
+        if mode is None:
+            shutil.rmtree(target, ignore_errors=True)
+            return
+        for entry in target.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(target, mode)
+
+    @staticmethod
+    def _os_error(what: str, exc: OSError) -> ProviderError:
+        reason = exc.strerror or str(exc)
+        if exc.errno in _NO_SPACE:
+            return TransientProviderError(f"{what}: {reason}")
+        return PermanentProviderError(f"{what}: {reason}")
