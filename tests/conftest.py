@@ -36,7 +36,10 @@ def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     upgrade(database_url)
     broker_url = _redis_db(redis_url, 11)
     data_dir = tmp_path_factory.mktemp("lifecycle-data")
-    previous = {k: os.environ.get(k) for k in ("LIFECYCLE_DATABASE_URL", "LIFECYCLE_BROKER_URL", "LIFECYCLE_DATA_DIR")}
+    previous = {
+        k: os.environ.get(k)
+        for k in ("LIFECYCLE_DATABASE_URL", "LIFECYCLE_BROKER_URL", "LIFECYCLE_DATA_DIR")
+    }
     os.environ["LIFECYCLE_DATABASE_URL"] = database_url
     os.environ["LIFECYCLE_BROKER_URL"] = broker_url
     os.environ["LIFECYCLE_DATA_DIR"] = str(data_dir)
@@ -64,7 +67,9 @@ def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             print(f"could not drop {db_name}: {exc}")
 
 
-TABLES = "outbox, idempotency_keys, lifecycle_runs, chats, sessions, api_keys, org_memberships, accounts"
+TABLES = (
+    "outbox, idempotency_keys, lifecycle_runs, chats, sessions, api_keys, org_memberships, accounts"
+)
 
 
 @pytest.fixture

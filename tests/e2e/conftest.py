@@ -3,6 +3,7 @@ against the real PostgreSQL and broker. Nothing in-process, nothing eager."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -98,10 +99,8 @@ class Stack:
         proc = self.procs.pop(name, None)
         if proc is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

