@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     snapshot_store: Literal["file"] = "file"
     github_token: SecretStr | None = None
     github_api_url: str = "https://api.github.com"
+    # git root for clone URLs; None: derived from github_api_url (see providers/github.py)
+    github_git_url: str | None = None
     workspace_owner: str = "recoupable"
     default_branch: str = "main"
 
