@@ -13,6 +13,8 @@ from typing import Any
 import structlog
 from celery import Task
 from celery.signals import worker_process_init
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from worker.celery_app import (
     SWEEP_EXPIRE_SNAPSHOTS,
@@ -60,7 +62,14 @@ def _run(task: Task, kind: RunKind, session_id: str, run_id: str, version: int) 
     with structlog.contextvars.bound_contextvars(
         session_id=session_id, run_id=run_id, task_id=task_id, kind=kind.value, version=version
     ):
-        outcome = service().execute(kind, session_id, run_id, version, task_id=task_id)
+        try:
+            outcome = service().execute(kind, session_id, run_id, version, task_id=task_id)
+        except (OperationalError, InterfaceError, PoolTimeout) as exc:
+            # The database is unreachable: nothing was recorded, so try the same delivery
+            # again later (the claim makes a repeat harmless).
+            delay = service().backoff(task.request.retries + 1, None)
+            log.warning("lifecycle.database_unavailable", error=type(exc).__name__, retry_in=delay)
+            raise task.retry(countdown=delay, max_retries=None) from None
         log.info(
             "lifecycle.run",
             outcome=outcome.status,
@@ -93,8 +102,33 @@ archive = _lifecycle_task(TASK_ARCHIVE, RunKind.ARCHIVE)
 
 
 def _sweep(name: str, fn: Any) -> dict[str, Any]:
+    from datetime import UTC, datetime
+
+    from worker.services import sweep_stats
+
     started = time.monotonic()
-    result: dict[str, Any] = fn(service())
+    started_at = datetime.now(UTC)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    try:
+        result = fn(service())
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        # What the sweep did goes to the database for /metrics; never fail the sweep on it.
+        try:
+            sweep_stats.record(
+                get_sessionmaker(),
+                name,
+                started_at=started_at,
+                finished_at=datetime.now(UTC),
+                result=result,
+                error=error,
+            )
+        except Exception as exc:
+            log.warning("sweep.stats_not_recorded", sweep=name, error=type(exc).__name__)
+    assert result is not None
     log.info(name, duration_ms=round((time.monotonic() - started) * 1000, 1), **result)
     return result
 

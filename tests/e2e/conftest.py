@@ -95,6 +95,9 @@ class Stack:
         )
         return proc
 
+    def start_beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
+        return self._spawn(name, ["beat"])
+
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.pop(name, None)
         if proc is None:

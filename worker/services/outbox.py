@@ -84,32 +84,36 @@ class RelayResult:
     failed: int = 0
 
 
+def _mark(factory: sessionmaker[Session], ids: list[int], **values: Any) -> None:
+    """Best effort: a record left unmarked is published again by the relay, and a
+    duplicate delivery is harmless (tasks are idempotent)."""
+    if not ids:
+        return
+    try:
+        with factory.begin() as db:
+            db.execute(update(OutboxRecord).where(OutboxRecord.id.in_(ids)).values(**values))
+    except Exception as exc:  # the database went away after the publish
+        log.warning("outbox.mark_failed", records=len(ids), error=type(exc).__name__)
+
+
 def _send(
     factory: sessionmaker[Session],
     records: Iterable[tuple[int, str, dict[str, Any], str | None]],
     publisher: Publisher,
 ) -> RelayResult:
     result = RelayResult()
+    published: list[int] = []
     for record_id, task_name, payload, queue in records:
         try:
             publisher(task_name, payload["kwargs"], payload["task_id"], queue)
         except Exception as exc:  # the broker refused or is down: keep it for the relay
             result.failed += 1
-            with factory.begin() as db:
-                db.execute(
-                    update(OutboxRecord)
-                    .where(OutboxRecord.id == record_id)
-                    .values(claimed_until=None, last_error=redact_text(str(exc))[:500])
-                )
+            _mark(factory, [record_id], claimed_until=None, last_error=redact_text(str(exc))[:500])
             # One failure means the broker is likely down; stop this batch.
             break
-        result.published += 1
-        with factory.begin() as db:
-            db.execute(
-                update(OutboxRecord)
-                .where(OutboxRecord.id == record_id, OutboxRecord.published_at.is_(None))
-                .values(published_at=func.now(), claimed_until=None)
-            )
+        published.append(record_id)
+    result.published = len(published)
+    _mark(factory, published, published_at=func.now(), claimed_until=None)
     return result
 
 
