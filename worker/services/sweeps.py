@@ -140,7 +140,7 @@ def reap_runs(svc: LifecycleService) -> dict[str, Any]:
                 )
                 .limit(svc.settings.sweep_batch_size)
                 .with_for_update(of=R, skip_locked=True)
-            ).tuples()
+            ).all()
         )
         for run, s in stale:
             jobs.append(runs.enqueue(db, s, run))
@@ -186,7 +186,7 @@ def expire_snapshots(svc: LifecycleService) -> dict[str, Any]:
                     )
                     .limit(svc.settings.sweep_batch_size)
                     .with_for_update(skip_locked=True)
-                ).tuples()
+                ).all()
             )
             if rows:
                 db.execute(
