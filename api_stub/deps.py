@@ -24,7 +24,13 @@ def get_db() -> Iterator[Session]:
         db.close()
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+def app_settings(request: Request) -> Settings:
+    """The settings the app was created with (``create_app(settings)``), else the process's."""
+    settings = getattr(request.app.state, "settings", None)
+    return settings if isinstance(settings, Settings) else get_settings()
+
+
+SettingsDep = Annotated[Settings, Depends(app_settings)]
 DbDep = Annotated[Session, Depends(get_db)]
 
 
@@ -55,7 +61,7 @@ AccountDep = Annotated[uuid.UUID, Depends(current_account)]
 
 async def json_body(request: Request) -> tuple[dict[str, Any], bytes]:
     """The request body as a JSON object (empty body = ``{}``), bounded in size."""
-    settings = get_settings()
+    settings = app_settings(request)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
         raise PayloadTooLarge(f"Request body too large (limit {settings.max_body_bytes} bytes)")
@@ -68,7 +74,7 @@ async def json_body(request: Request) -> tuple[dict[str, Any], bytes]:
         return {}, raw
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurd nesting
         raise InvalidInput("Invalid JSON body") from None
     if not isinstance(data, dict):
         raise InvalidInput("Request body must be a JSON object")

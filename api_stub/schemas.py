@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import datetime
 from typing import Any, Literal
 
@@ -26,10 +27,10 @@ class SessionCreate(CamelModel):
     """All fields optional; an empty body creates a personal session."""
 
     title: str | None = Field(default=None, description="Display title; generated when omitted.")
-    organization_id: str | None = Field(
+    organization_id: uuid.UUID | None = Field(
         default=None, description="UUID of an organization the caller may use."
     )
-    artist_id: str | None = Field(default=None, description="UUID of an artist account.")
+    artist_id: uuid.UUID | None = Field(default=None, description="UUID of an artist account.")
 
 
 class SessionUpdate(CamelModel):

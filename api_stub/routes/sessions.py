@@ -62,7 +62,20 @@ def _str_field(data: dict[str, Any], key: str) -> str | None:
     value = data.get(key)
     if value is not None and not isinstance(value, str):
         raise InvalidInput(f"{key} must be a string", missing_fields=[key])
+    if value is not None and ("\x00" in value or not _is_utf8_encodable(value)):
+        # PostgreSQL text cannot hold NUL, and lone surrogates are not UTF-8: refuse, not 500.
+        raise InvalidInput(
+            f"{key} must be valid text (no NUL or lone surrogates)", missing_fields=[key]
+        )
     return value
+
+
+def _is_utf8_encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _count_field(data: dict[str, Any], key: str) -> int | None:
@@ -106,7 +119,7 @@ def create_session(
         organization_id=_uuid_field(data, "organizationId"),
         artist_id=_uuid_field(data, "artistId"),
     )
-    if create.title is not None and len(create.title) > settings.max_title_length:
+    if create.title is not None and len(create.title.strip()) > settings.max_title_length:
         raise InvalidInput(
             f"title must be at most {settings.max_title_length} characters",
             missing_fields=["title"],

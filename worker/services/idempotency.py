@@ -32,8 +32,8 @@ def begin(
 ) -> Replay | None:
     """Reserve ``key`` in the caller's transaction. Returns the stored response when the
     key was used before (a concurrent first request holding it makes this wait for it)."""
-    if not key or len(key) > 255:
-        raise InvalidInput("Idempotency-Key must be 1-255 characters")
+    if not key or len(key) > 255 or "\x00" in key:  # PostgreSQL text cannot hold NUL
+        raise InvalidInput("Idempotency-Key must be 1-255 characters, without NUL")
     now = datetime.now(UTC)
     # An expired key is forgotten, so it can be used again.
     db.execute(

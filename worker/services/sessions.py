@@ -14,8 +14,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from worker.config import Settings
-from worker.db.models import ChatRecord, OutboxRecord, SessionRecord
-from worker.domain.lifecycle import LifecycleState, RunKind, SessionStatus
+from worker.db.models import ChatRecord, LifecycleRunRecord, OutboxRecord, SessionRecord
+from worker.domain.lifecycle import LifecycleState, RunKind, RunState, SessionStatus
 from worker.errors import Forbidden, InvalidInput, NotFound
 from worker.services import accounts, runs
 
@@ -274,6 +274,7 @@ def patch_session(
             jobs += runs.kick(db, record, RunKind.ARCHIVE, "api").outbox
         elif previous == SessionStatus.ARCHIVED.value:
             record.archived_at = None
+            jobs += _withdraw_archive(db, record)
             if record.lifecycle_state == LifecycleState.ARCHIVED.value:
                 # Un-archive is a lifecycle transition of its own: archived -> hibernated.
                 record.lifecycle_state = LifecycleState.HIBERNATED.value
@@ -282,6 +283,34 @@ def patch_session(
         record.updated_at = datetime.now(UTC)
     db.flush()
     return jobs
+
+
+def _withdraw_archive(db: Session, record: SessionRecord) -> list[OutboxRecord]:
+    """Un-archiving withdraws an archive run that has not started (pending, or queued
+    with its job out: the worker skips a run that is no longer queued). A run a worker
+    is claiming right now (row locked) is skipped here, not waited for: the worker locks
+    the run before the session, and this transaction already holds the session.
+    When the withdrawn run was next in line, the run waiting behind it is dispatched."""
+    now = datetime.now(UTC)
+    head_withdrawn = False
+    waiting = db.scalars(
+        select(LifecycleRunRecord)
+        .where(
+            LifecycleRunRecord.session_id == record.id,
+            LifecycleRunRecord.kind == RunKind.ARCHIVE.value,
+            LifecycleRunRecord.state.in_([RunState.PENDING.value, RunState.QUEUED.value]),
+        )
+        .with_for_update(skip_locked=True)
+    )
+    for run in waiting:
+        head_withdrawn |= run.state == RunState.QUEUED.value
+        run.state = RunState.SKIPPED.value
+        run.error = "withdrawn: the session was un-archived before the archive ran"
+        run.finished_at = run.updated_at = now
+    db.flush()
+    if head_withdrawn and record.lifecycle_run_id is None:
+        return runs.dispatch_next(db, record)
+    return []
 
 
 def encode_cursor(created_at: datetime, session_id: uuid.UUID) -> str:
