@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api_stub import errors
-from api_stub.routes import health, sessions
+from api_stub.routes import health, metrics, sessions
 from worker.celery_app import create_celery
 from worker.config import Settings, get_settings
 from worker.logging import configure_logging
@@ -23,9 +23,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.celery = create_celery(settings)
+    # Publishing from a request must fail fast when the broker is down (the outbox keeps
+    # the job): no connection retries inside the request.
+    transport = dict(app.state.celery.conf.broker_transport_options or {})
+    transport["max_retries"] = 0
+    app.state.celery.conf.broker_transport_options = transport
     app.state.publisher = CeleryPublisher(app.state.celery)
     app.state.repo_host = build_repo_host(settings)
     errors.install(app)
     app.include_router(health.router)
     app.include_router(sessions.router)
+    app.include_router(metrics.router)
     return app

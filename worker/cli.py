@@ -69,8 +69,23 @@ def api(
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
 ) -> None:
     """Run the HTTP API (uvicorn)."""
-    import uvicorn
+    import socket
 
+    import uvicorn
+    from uvicorn.config import Config
+
+    bind = Config.bind_socket
+
+    def bind_tcp(config: Config) -> socket.socket:
+        # With --workers N uvicorn binds the listener itself with proto 0, so asyncio never
+        # sets TCP_NODELAY on accepted connections and every keep-alive response waits
+        # ~40 ms for the client's delayed ACK (Kludex/uvicorn#3149). Re-wrap it as TCP.
+        sock = bind(config)
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto == 0:
+            sock = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, sock.detach())
+        return sock
+
+    Config.bind_socket = bind_tcp  # type: ignore[method-assign,assignment]
     uvicorn.run(
         "api_stub.main:create_app",
         factory=True,
@@ -310,3 +325,134 @@ def main() -> None:  # pragma: no cover
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app(prog_name="lifecycle")
     sys.exit(0)
+
+
+# --------------------------------------------------------------------------- operations
+
+
+@app.command()
+def up(
+    api_port: Annotated[
+        int, typer.Option("--api-port", "--port", help="Port of the API on 127.0.0.1")
+    ] = 8000,
+    flower_port: Annotated[int, typer.Option(help="Port of Flower on 127.0.0.1")] = 5555,
+    concurrency: Annotated[int, typer.Option(help="Worker processes")] = 2,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(help="Data directory (default: LIFECYCLE_DATA_DIR or ./.lifecycle)"),
+    ] = None,
+    flower: Annotated[bool, typer.Option(help="Also run Flower")] = True,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Do not echo the children's logs")
+    ] = False,
+) -> None:
+    """Run the whole system on this machine: PostgreSQL and Redis (embedded unless
+    LIFECYCLE_DATABASE_URL / LIFECYCLE_BROKER_URL are set), migrations, a development
+    API key, and the API, a worker, beat and Flower, supervised until Ctrl-C."""
+    from pathlib import Path
+
+    from worker.stack import Stack, StackError, StackOptions, banner
+
+    root = Path(data_dir) if data_dir else get_settings().data_dir
+    if data_dir:
+        os.environ["LIFECYCLE_DATA_DIR"] = str(Path(data_dir).absolute())
+    options = StackOptions(
+        data_dir=root.absolute(),
+        api_port=api_port,
+        flower_port=flower_port,
+        concurrency=concurrency,
+        echo=not quiet,
+        flower=flower,
+    )
+    stack = Stack(options)
+
+    def ready(info: Any) -> None:
+        typer.echo(banner(info, options.data_dir))
+
+    try:
+        code = stack.run(on_ready=ready)
+    except StackError as exc:
+        _fail(str(exc))
+        return
+    raise typer.Exit(code)
+
+
+@app.command()
+def demo(
+    api_url: Annotated[
+        str | None,
+        typer.Option(help="API of the stack (default: the one `lifecycle up` saved)"),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LIFECYCLE_API_KEY",
+            help="API key (default: the development key in the data directory)",
+        ),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each step")] = 90.0,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Data directory of the stack (default: LIFECYCLE_DATA_DIR or ./.lifecycle)"
+        ),
+    ] = None,
+) -> None:
+    """Drive one session through its whole lifecycle, with a live timeline."""
+    from pathlib import Path
+
+    from worker.demo import run_demo
+    from worker.stack import credentials_path, read_credentials
+
+    root = Path(data_dir) if data_dir else get_settings().data_dir
+    saved = read_credentials(root)
+    if key is None:
+        if saved is None:
+            _fail(
+                f"no API key: pass --key, or start the stack with `lifecycle up` "
+                f"(it saves one in {credentials_path(root)})"
+            )
+            return
+        key = saved.key
+    url = api_url or (saved.api_url if saved else "http://127.0.0.1:8000")
+    raise typer.Exit(run_demo(url.rstrip("/"), key, timeout=timeout))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def flower(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 5555,
+    address: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
+    unauthenticated_api: Annotated[
+        bool,
+        typer.Option(
+            "--unauthenticated-api",
+            help="Open Flower's HTTP API without credentials (loopback addresses only)",
+        ),
+    ] = False,
+) -> None:
+    """Run Flower on the project's Celery app (task events on).
+
+    Credentials come from LIFECYCLE_FLOWER_BASIC_AUTH (user:password). Without them
+    Flower starts only on a loopback address and only with --unauthenticated-api.
+    Extra arguments are passed to Flower unchanged."""
+    from worker.celery_app import app as celery_app
+    from worker.logging import configure_logging
+    from worker.monitor import FlowerConfigError, apply_env, plan_flower
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    auth = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else None
+    try:
+        plan = plan_flower(
+            port=port,
+            address=address,
+            basic_auth=auth,
+            unauthenticated_api=unauthenticated_api,
+            extra_args=list(ctx.args),
+        )
+    except FlowerConfigError as exc:
+        _fail(str(exc))
+        return
+    apply_env(plan, os.environ)
+    celery_app.start(plan.argv)

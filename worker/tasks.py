@@ -85,7 +85,10 @@ def _run(task: Task, kind: RunKind, session_id: str, run_id: str, version: int) 
 
 
 def _lifecycle_task(name: str, kind: RunKind) -> Any:
-    @app.task(name=name, bind=True, acks_late=True, reject_on_worker_lost=True)
+    # max_retries=None here: ``task.retry(max_retries=None)`` alone means "the default, 3",
+    # after which Celery drops the delivery. Retries are bounded by the service instead
+    # (task_max_retries for provider errors); a database outage is waited out.
+    @app.task(name=name, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
     def task(self: Task, session_id: str, run_id: str, version: int) -> dict[str, Any]:
         return _run(self, kind, session_id, run_id, version)
 

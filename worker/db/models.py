@@ -239,3 +239,24 @@ class IdempotencyKeyRecord(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     response: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(server_default=NOW, index=True)
+
+
+class SweepRunRecord(Base):
+    """One row per scheduled sweep: its last run and running totals (for ``/metrics``).
+
+    Every beat-driven sweep upserts its row, so any API process reads the same numbers
+    however many workers ran the sweeps; the table never grows past one row per sweep."""
+
+    __tablename__ = "sweep_runs"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    runs_total: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    errors_total: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    items_total: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    duration_seconds_total: Mapped[float] = mapped_column(server_default=text("0"))
+    last_started_at: Mapped[datetime | None]
+    last_finished_at: Mapped[datetime | None]
+    last_duration_seconds: Mapped[float | None]
+    last_items: Mapped[int | None] = mapped_column(Integer)
+    last_result: Mapped[dict[str, Any] | None]
+    last_error: Mapped[str | None] = mapped_column(Text)

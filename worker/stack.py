@@ -1,0 +1,587 @@
+"""``lifecycle up``: the whole system on one machine, supervised by one process.
+
+With no ``LIFECYCLE_DATABASE_URL`` / ``LIFECYCLE_BROKER_URL`` in the environment it
+starts an embedded PostgreSQL and an embedded Redis under the data directory (with
+them set, it uses those servers), applies migrations, makes sure a development
+account and API key exist, and runs the API, a worker, beat and Flower as child
+processes. A child that dies is restarted with backoff; SIGINT or SIGTERM stops every
+child (its whole process group), then the embedded servers, and leaves no process.
+
+Layout under the data directory (besides the providers' ``repos/``, ``sandboxes/``,
+``snapshots/``)::
+
+    postgres/                 embedded PostgreSQL (see worker.embedded)
+    redis/                    embedded Redis, with an append-only file
+    logs/<child>.log          each child's output (also echoed unless --quiet)
+    dev-credentials.json      the development account and API key (mode 0600)
+    up.lock                   held while a ``lifecycle up`` runs on this directory
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker.logging import redact_text
+
+CREDENTIALS_FILE = "dev-credentials.json"
+DEV_ACCOUNT_NAME = "Development"
+LOOPBACK = "127.0.0.1"
+
+RESTART_BACKOFF_MAX = 30.0
+STABLE_AFTER = 30.0  # a child that ran this long starts its backoff afresh
+STOP_GRACE = 15.0
+
+
+class StackError(RuntimeError):
+    """``lifecycle up`` cannot start."""
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+@dataclass(frozen=True)
+class DevCredentials:
+    account_id: str
+    key_id: str
+    key: str
+    api_url: str = f"http://{LOOPBACK}:8000"
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "account_id": self.account_id,
+            "key_id": self.key_id,
+            "key": self.key,
+            "api_url": self.api_url,
+        }
+
+
+def credentials_path(data_dir: Path) -> Path:
+    return data_dir / CREDENTIALS_FILE
+
+
+def read_credentials(data_dir: Path) -> DevCredentials | None:
+    """The development credentials saved by ``lifecycle up``, if any."""
+    try:
+        raw = json.loads(credentials_path(data_dir).read_text())
+        return DevCredentials(
+            account_id=str(raw["account_id"]),
+            key_id=str(raw["key_id"]),
+            key=str(raw["key"]),
+            api_url=str(raw.get("api_url") or DevCredentials.api_url),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_credentials(data_dir: Path, creds: DevCredentials) -> None:
+    """Write the file readable by its owner only (created 0600, then renamed into place)."""
+    path = credentials_path(data_dir)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(creds.to_json(), fh, indent=2)
+        fh.write("\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def ensure_dev_credentials(data_dir: Path, api_url: str) -> tuple[DevCredentials, bool]:
+    """Reuse the saved key if the database still accepts it; else create an account and
+    key. Returns (credentials, created)."""
+    from worker.db.engine import get_sessionmaker
+    from worker.errors import DomainError
+    from worker.services import accounts
+
+    saved = read_credentials(data_dir)
+    factory = get_sessionmaker()
+    if saved is not None:
+        try:
+            with factory() as db:
+                account = accounts.authenticate(db, saved.key)
+            if str(account) == saved.account_id:
+                creds = DevCredentials(saved.account_id, saved.key_id, saved.key, api_url)
+                if creds != saved:
+                    write_credentials(data_dir, creds)
+                return creds, False
+        except DomainError:
+            pass  # another database, or the key was revoked: make a new one
+    with factory.begin() as db:
+        account_record = accounts.create_account(db, DEV_ACCOUNT_NAME)
+        key = accounts.create_key(db, account_record.id)
+        creds = DevCredentials(str(account_record.id), str(key.id), key.key, api_url)
+    write_credentials(data_dir, creds)
+    return creds, True
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the child if this process dies (so a
+    ``kill -9`` of ``lifecycle up`` does not leave the children running).
+
+    libc and prctl are looked up here, in the parent: the forked child only calls an
+    already-resolved function (no dlopen, no Python-level locks)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        prctl = ctypes.CDLL(name, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    sigterm = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+
+    return preexec
+
+
+@dataclass
+class Child:
+    """One supervised process (its own session and process group)."""
+
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    failures: int = 0  # consecutive quick deaths, for the backoff
+    restart_at: float | None = None
+    reader: threading.Thread | None = None
+    last_exit: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+
+class Supervisor:
+    """Starts children, restarts the ones that die (with backoff), stops them all."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_dir: Path,
+        *,
+        echo: IO[str] | None = None,
+        cwd: Path | None = None,
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.echo = echo
+        self.cwd = cwd
+        self.say = say
+        self.children: dict[str, Child] = {}
+        self._echo_lock = threading.Lock()
+        self._preexec = _parent_death_signal()
+        self._colors = bool(echo is not None and echo.isatty())
+
+    def add(self, name: str, argv: list[str]) -> Child:
+        child = Child(name, argv)
+        self.children[name] = child
+        return child
+
+    def start_all(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for child in self.children.values():
+            (self.log_dir / f"{child.name}.log").write_bytes(b"")
+            self._spawn(child)
+
+    def _spawn(self, child: Child) -> None:
+        child.proc = subprocess.Popen(
+            child.argv,
+            env=self.env,
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: stopped as a whole, no terminal ^C
+            preexec_fn=self._preexec,
+        )
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        child.reader = threading.Thread(
+            target=self._pump, args=(child.name, child.proc), daemon=True, name=f"pump-{child.name}"
+        )
+        child.reader.start()
+
+    _COLORS = ("36", "35", "33", "32", "34", "31")
+
+    def _pump(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        """Copy a child's output to its log file (and to the console, prefixed)."""
+        assert proc.stdout is not None
+        index = list(self.children).index(name) if name in self.children else 0
+        color = self._COLORS[index % len(self._COLORS)]
+        prefix = f"\x1b[{color}m{name:>6} |\x1b[0m " if self._colors else f"{name:>6} | "
+        with (self.log_dir / f"{name}.log").open("ab") as log:
+            for line in iter(proc.stdout.readline, b""):
+                log.write(line)
+                log.flush()
+                if self.echo is not None:
+                    text = line.decode(errors="replace").rstrip("\n")
+                    with self._echo_lock, contextlib.suppress(OSError, ValueError):
+                        self.echo.write(prefix + text + "\n")
+                        self.echo.flush()
+        proc.stdout.close()
+
+    def poll(self) -> None:
+        """Restart children that died, after their backoff."""
+        now = time.monotonic()
+        for child in self.children.values():
+            proc = child.proc
+            if proc is not None and proc.poll() is not None:
+                code = proc.returncode
+                child.last_exit = code
+                _kill_group(proc.pid, signal.SIGKILL)  # whatever it left behind
+                lived = now - child.started_at
+                child.failures = 1 if lived >= STABLE_AFTER else child.failures + 1
+                delay = min(RESTART_BACKOFF_MAX, 2.0 ** (child.failures - 1))
+                child.proc = None
+                child.restart_at = now + delay
+                self.say(
+                    f"{child.name} exited with code {code} after {lived:.1f}s; "
+                    f"restarting in {delay:.0f}s"
+                )
+            elif child.proc is None and child.restart_at is not None and now >= child.restart_at:
+                child.restarts += 1
+                self._spawn(child)
+
+    def stop_all(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM every child, wait up to ``grace`` seconds, then SIGKILL each whole
+        process group (pool processes, uvicorn workers) so nothing is left."""
+        running = [c for c in self.children.values() if c.proc is not None]
+        for child in running:
+            assert child.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for child in running:
+            assert child.proc is not None
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.say(f"{child.name} did not stop within {grace:.0f}s; killing it")
+        for child in running:
+            assert child.proc is not None
+            _kill_group(child.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(timeout=5)
+            _wait_group_gone(child.proc.pid, 5.0)
+            if child.reader is not None:
+                child.reader.join(timeout=2)
+            child.proc = None
+            child.restart_at = None
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """Held for the life of one ``lifecycle up``: a second one on the same directory
+    while the first runs is refused instead of fighting over ports and servers."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "up.lock"
+    with path.open("a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise StackError(
+                f"another `lifecycle up` (pid {holder}) is running on {data_dir}"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+@dataclass
+class StackOptions:
+    data_dir: Path
+    api_port: int = 8000
+    flower_port: int = 5555
+    concurrency: int = 2
+    echo: bool = True
+    flower: bool = True
+    ready_timeout: float = 120.0
+
+
+@dataclass
+class StackInfo:
+    api_url: str
+    flower_url: str | None
+    database_url: str
+    broker_url: str
+    embedded_database: bool
+    embedded_broker: bool
+    credentials: DevCredentials
+    credentials_created: bool
+    flower_authenticated: bool
+
+
+class Stack:
+    """Everything ``lifecycle up`` runs; :meth:`run` blocks until a stop signal."""
+
+    def __init__(self, options: StackOptions, say: Callable[[str], None] | None = None) -> None:
+        self.options = options
+        self.data_dir = options.data_dir.absolute()
+        self.say = say or (lambda msg: print(f"[up] {msg}", file=sys.stderr, flush=True))
+        self._stop = threading.Event()
+        self._signals = 0
+        self._postgres: Any = None
+        self._redis: Any = None
+        self.supervisor: Supervisor | None = None
+        self.info: StackInfo | None = None
+
+    # signals ------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signals += 1
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # the run ------------------------------------------------------------------------
+    def run(self, on_ready: Callable[[StackInfo], None] | None = None) -> int:
+        """Start, supervise until SIGINT/SIGTERM, stop. Returns the exit code."""
+        previous = {
+            sig: signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        }
+        try:
+            with data_dir_lock(self.data_dir):
+                try:
+                    info = self._start()
+                    if info is None:
+                        return 0  # stopped while starting
+                    if on_ready is not None:
+                        on_ready(info)
+                    while not self._stop.wait(0.25):
+                        assert self.supervisor is not None
+                        self.supervisor.poll()
+                    self.say("stopping …")
+                    return 0
+                finally:
+                    self._shutdown()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _start(self) -> StackInfo | None:
+        opts = self.options
+        for what, port in (("API", opts.api_port), ("Flower", opts.flower_port)):
+            if (what == "API" or opts.flower) and not port_is_free(port):
+                raise StackError(
+                    f"port {port} for the {what} is in use (pick another with "
+                    f"--{'api' if what == 'API' else 'flower'}-port)"
+                )
+        database_url = os.environ.get("LIFECYCLE_DATABASE_URL")
+        broker_url = os.environ.get("LIFECYCLE_BROKER_URL")
+        from worker.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
+
+        try:
+            if not database_url:
+                self.say(f"starting embedded PostgreSQL in {self.data_dir / 'postgres'}")
+                self._postgres = EmbeddedPostgres(self.data_dir / "postgres", database="lifecycle")
+                self._postgres.start()
+                database_url = str(self._postgres.url)
+            if not broker_url and not self.stopping:
+                self.say(f"starting embedded Redis in {self.data_dir / 'redis'}")
+                self._redis = EmbeddedRedis(self.data_dir / "redis", appendonly=True)
+                self._redis.start()
+                broker_url = str(self._redis.url)
+        except EmbeddedServerError as exc:
+            raise StackError(str(exc)) from exc
+        if self.stopping or not database_url or not broker_url:
+            return None
+
+        # This process and every child use the same settings.
+        os.environ["LIFECYCLE_DATABASE_URL"] = database_url
+        os.environ["LIFECYCLE_BROKER_URL"] = broker_url
+        os.environ["LIFECYCLE_DATA_DIR"] = str(self.data_dir)
+        from worker.config import get_settings
+        from worker.db.engine import reset_engine
+        from worker.db.migrate import upgrade
+
+        get_settings.cache_clear()
+        reset_engine()
+        self.say("applying migrations")
+        api_url = f"http://{LOOPBACK}:{opts.api_port}"
+        try:
+            upgrade(database_url)
+            creds, created = ensure_dev_credentials(self.data_dir, api_url)
+        except SQLAlchemyError as exc:
+            reason = redact_text(str(getattr(exc, "orig", None) or exc)).strip().splitlines()
+            raise StackError(
+                f"cannot use the database at {redact_text(database_url)}: "
+                + (reason[0] if reason else type(exc).__name__)
+            ) from exc
+        finally:
+            reset_engine()  # children have their own connections; hold none while supervising
+        if self.stopping:
+            return None
+
+        flower_auth = bool(get_settings().flower_basic_auth)
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        if "LIFECYCLE_LOG_JSON" not in env and self.options.echo and sys.stderr.isatty():
+            env["LIFECYCLE_LOG_JSON"] = "false"  # a person is reading: console lines
+        lifecycle = [sys.executable, "-m", "worker"]
+        sup = self.supervisor = Supervisor(
+            env,
+            self.data_dir / "logs",
+            echo=sys.stderr if opts.echo else None,
+            say=self.say,
+        )
+        sup.add("api", [*lifecycle, "api", "--host", LOOPBACK, "--port", str(opts.api_port)])
+        sup.add("worker", [*lifecycle, "worker", "--concurrency", str(opts.concurrency)])
+        sup.add("beat", [*lifecycle, "beat"])
+        flower_url: str | None = None
+        if opts.flower:
+            argv = [
+                *lifecycle,
+                "flower",
+                "--port",
+                str(opts.flower_port),
+                "--address",
+                LOOPBACK,
+            ]
+            if not flower_auth:
+                argv.append("--unauthenticated-api")  # loopback only; see worker.monitor
+            sup.add("flower", argv)
+            flower_url = f"http://{LOOPBACK}:{opts.flower_port}"
+        sup.start_all()
+        self.info = StackInfo(
+            api_url=api_url,
+            flower_url=flower_url,
+            database_url=database_url,
+            broker_url=broker_url,
+            embedded_database=self._postgres is not None,
+            embedded_broker=self._redis is not None,
+            credentials=creds,
+            credentials_created=created,
+            flower_authenticated=flower_auth,
+        )
+        if not self._wait_ready(api_url):
+            return None
+        return self.info
+
+    def _wait_ready(self, api_url: str) -> bool:
+        import httpx
+
+        deadline = time.monotonic() + self.options.ready_timeout
+        while not self._stop.wait(0.25):
+            assert self.supervisor is not None
+            self.supervisor.poll()
+            try:
+                if httpx.get(f"{api_url}/readyz", timeout=2).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"the API did not become ready within {self.options.ready_timeout:.0f}s; "
+                    f"see {self.data_dir / 'logs'}"
+                )
+        return False
+
+    def _shutdown(self) -> None:
+        # Further signals only hurry things up; they never interrupt the cleanup.
+        if self.supervisor is not None:
+            self.supervisor.stop_all(grace=2.0 if self._signals > 1 else STOP_GRACE)
+        for server, what in ((self._redis, "Redis"), (self._postgres, "PostgreSQL")):
+            if server is None:
+                continue
+            try:
+                server.stop()
+            except Exception as exc:
+                self.say(f"could not stop embedded {what}: {exc}")
+        self.say("stopped")
+
+
+def banner(info: StackInfo, data_dir: Path) -> str:
+    creds = info.credentials
+    db = redact_text(info.database_url) + ("  (embedded)" if info.embedded_database else "")
+    broker = redact_text(info.broker_url) + ("  (embedded)" if info.embedded_broker else "")
+    lines = [
+        "",
+        "Session Lifecycle Worker is up",
+        f"  API       {info.api_url}   (docs {info.api_url}/docs, metrics {info.api_url}/metrics)",
+    ]
+    if info.flower_url:
+        note = "basic auth" if info.flower_authenticated else "API open on 127.0.0.1 only"
+        lines.append(f"  Flower    {info.flower_url}   ({note})")
+    lines += [
+        f"  Database  {db}",
+        f"  Broker    {broker}",
+        f"  Data      {data_dir}   (logs in {data_dir / 'logs'})",
+        f"  Dev key   {creds.key}",
+        f"            account {creds.account_id}"
+        + ("" if not info.credentials_created else "  (new)")
+        + f", saved in {credentials_path(data_dir)}",
+        "",
+        "Try it:    lifecycle demo          (in another terminal)",
+        f"           curl -H 'x-api-key: {creds.key}' -X POST {info.api_url}/api/sessions",
+        "Ctrl-C stops everything.",
+        "",
+    ]
+    return "\n".join(lines)
