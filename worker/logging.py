@@ -18,6 +18,8 @@ _SECRET_PATTERNS = [
     re.compile(r"github_pat_[A-Za-z0-9_]{20,}"),
     re.compile(r"slk_[A-Za-z0-9_\-]{20,}"),  # this project's API keys
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-]{8,}"),
+    # key=value in free text (libpq conninfo, query strings, config dumps)
+    re.compile(r"(?i)\b((?:password|passwd|pwd|token|secret|api[_-]?key)\s*[=:]\s*)[^\s&;,'\"]+"),
 ]
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@")
 _SECRET_KEYS = re.compile(r"(?i)(token|password|passwd|secret|api[_-]?key|authorization)")

@@ -139,3 +139,12 @@ def test_console_lines_on_a_tty_with_secrets_redacted() -> None:
     assert not any(line.lstrip().startswith("{") for line in text.splitlines() if line.strip())
     for secret in SECRETS:
         assert secret not in text
+
+
+def test_key_value_secrets_in_free_text_are_redacted() -> None:
+    from worker.logging import redact_text
+
+    text = redact_text("connect host=db password=hunter2 user=bob; token: abc123 api_key=zzz9")
+    for secret in ("hunter2", "abc123", "zzz9"):
+        assert secret not in text
+    assert "host=db" in text and "user=bob" in text
