@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     repo_host: Literal["local", "github"] = "local"
     sandbox_provider: Literal["local"] = "local"
     snapshot_store: Literal["file"] = "file"
+    # "noop": every provider call succeeds at once and does nothing (benchmarks, load
+    # tests of the orchestration alone; see worker/providers/noop.py).
+    provider_set: Literal["default", "noop"] = "default"
     github_token: SecretStr | None = None
     github_api_url: str = "https://api.github.com"
     # git root for clone URLs; None: derived from github_api_url (see providers/github.py)

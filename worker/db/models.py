@@ -170,6 +170,15 @@ class ChatRecord(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)
     updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
 
+    __table_args__ = (
+        # Idle sweep: "no chat of this session is streaming" probes only streaming chats.
+        Index(
+            "ix_chats_active_stream",
+            "session_id",
+            postgresql_where=text("active_stream_id IS NOT NULL"),
+        ),
+    )
+
 
 class LifecycleRunRecord(Base):
     """One lifecycle run (history): what was asked, by whom, and how it ended."""

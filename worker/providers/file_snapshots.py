@@ -555,6 +555,7 @@ class FileSnapshotStore:
         """Extraction pass over the members the scan accepted, in the same order."""
         root = str(target)
         dirs: list[tuple[str, _Entry]] = []
+        made: set[str] = {root}  # directories known to exist (saves a mkdir per file)
         index = 0
         try:
             with tarfile.open(fileobj=_ZstdReader(fh), mode="r|") as tf:
@@ -565,7 +566,7 @@ class FileSnapshotStore:
                     index += 1
                     path = os.path.join(root, entry.name) if entry.name else root
                     try:
-                        self._extract_one(tf, member, entry, root, path, dirs)
+                        self._extract_one(tf, member, entry, root, path, dirs, made)
                     except OSError as exc:
                         raise self._os_error(
                             f"cannot restore snapshot {key}: member '{_show(entry.raw_name)}'", exc
@@ -602,15 +603,20 @@ class FileSnapshotStore:
         root: str,
         path: str,
         dirs: list[tuple[str, _Entry]],
+        made: set[str],
     ) -> None:
+        # The scan guarantees nothing replaces a directory once made, so a directory in
+        # ``made`` stays one: skip the (slow on some filesystems) mkdir of every parent.
         if entry.kind == "dir":
-            if entry.name:
+            if path not in made:
                 os.makedirs(path, mode=0o700, exist_ok=True)
+                made.add(path)
             dirs.append((path, entry))
             return
         parent = os.path.dirname(path)
-        if parent != root:
+        if parent not in made:
             os.makedirs(parent, mode=0o700, exist_ok=True)
+            made.add(parent)
         if entry.kind == "file":
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(path, flags, 0o600)

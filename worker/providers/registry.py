@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import cast
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
 
 from worker.config import Settings
 from worker.providers.base import RepoHost, SandboxProvider, SnapshotStore
+from worker.services.diffs_compute import compute_diff
+
+#: Computes the cached diff of a sandbox working tree against its base branch.
+DiffFunction = Callable[[Path, str], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -14,9 +20,15 @@ class Providers:
     repo_host: RepoHost
     sandbox: SandboxProvider
     snapshots: SnapshotStore
+    # git over the sandbox's working tree; the no-op set swaps in an empty diff.
+    diff: DiffFunction = field(default=compute_diff)
 
 
 def build_repo_host(settings: Settings) -> RepoHost:
+    if settings.provider_set == "noop":
+        from worker.providers.noop import NoopRepoHost
+
+        return NoopRepoHost(settings.default_branch)
     if settings.repo_host == "github":
         from worker.providers.github import GitHubRepoHost
 
@@ -27,14 +39,17 @@ def build_repo_host(settings: Settings) -> RepoHost:
 
 
 def build_providers(settings: Settings) -> Providers:
-    from worker.providers.file_snapshots import FileSnapshotStore
-    from worker.providers.local_sandbox import LocalSandboxProvider
+    if settings.provider_set == "noop":
+        providers = _noop_providers(settings)
+    else:
+        from worker.providers.file_snapshots import FileSnapshotStore
+        from worker.providers.local_sandbox import LocalSandboxProvider
 
-    providers = Providers(
-        repo_host=build_repo_host(settings),
-        sandbox=LocalSandboxProvider(settings.sandboxes_dir.resolve()),
-        snapshots=FileSnapshotStore(settings.snapshots_dir.resolve()),
-    )
+        providers = Providers(
+            repo_host=build_repo_host(settings),
+            sandbox=LocalSandboxProvider(settings.sandboxes_dir.resolve()),
+            snapshots=FileSnapshotStore(settings.snapshots_dir.resolve()),
+        )
     if settings.fault_plan is None:
         return providers
     from worker.providers.faults import FaultInjecting, FaultPlan
@@ -44,4 +59,17 @@ def build_providers(settings: Settings) -> Providers:
         repo_host=cast(RepoHost, FaultInjecting(providers.repo_host, "repo_host", plan)),
         sandbox=cast(SandboxProvider, FaultInjecting(providers.sandbox, "sandbox", plan)),
         snapshots=cast(SnapshotStore, FaultInjecting(providers.snapshots, "snapshots", plan)),
+        diff=providers.diff,
+    )
+
+
+def _noop_providers(settings: Settings) -> Providers:
+    """Providers that do nothing: only the orchestration is left (benchmarks)."""
+    from worker.providers.noop import NoopSandboxProvider, NoopSnapshotStore, noop_diff
+
+    return Providers(
+        repo_host=build_repo_host(settings),
+        sandbox=NoopSandboxProvider(),
+        snapshots=NoopSnapshotStore(),
+        diff=noop_diff,
     )

@@ -34,7 +34,6 @@ from worker.providers.base import PermanentProviderError, TransientProviderError
 from worker.providers.registry import Providers
 from worker.routing import host_queue
 from worker.services import outbox, runs
-from worker.services.diffs_compute import compute_diff
 
 log = get_logger(__name__)
 
@@ -69,6 +68,14 @@ def sandbox_name(session_id: uuid.UUID) -> str:
     return f"s-{session_id}"
 
 
+# Runs that save snapshots, each under its own key.
+SNAPSHOT_KINDS = (RunKind.HIBERNATE.value, RunKind.SNAPSHOT.value, RunKind.ARCHIVE.value)
+
+
+def snapshot_key(session_id: uuid.UUID, run_id: uuid.UUID) -> str:
+    return f"{session_id}-{run_id}"
+
+
 def no_active_stream() -> ColumnElement[bool]:
     return not_(
         exists().where(ChatRecord.session_id == S.id, ChatRecord.active_stream_id.is_not(None))
@@ -98,7 +105,8 @@ def _eligibility(kind: RunKind, trigger: str, settings: Settings) -> ColumnEleme
         return cond
     if kind in (RunKind.SNAPSHOT, RunKind.DIFF):
         return S.lifecycle_state == ACTIVE
-    return not_archived  # ARCHIVE
+    # ARCHIVE: only while archiving is still wanted (an un-archive withdraws it).
+    return and_(not_archived, S.status == "archived")
 
 
 def _claim_state(kind: RunKind) -> Any:
@@ -317,16 +325,41 @@ class LifecycleService:
             ).rowcount  # type: ignore[attr-defined]
         if not done:
             raise TransientProviderError("lease lost while saving the snapshot")
-        self._drop_superseded(s.snapshot_url, changes.get("snapshot_url"))
+        self._drop_superseded(s.id, s.snapshot_url, changes.get("snapshot_url"))
         # From here on the checkpointed snapshot is the session's; don't delete it again.
         s.snapshot_url = changes.get("snapshot_url", s.snapshot_url)
 
-    def _drop_superseded(self, old: str | None, new: str | None) -> None:
-        if old and new and old != new:
-            try:
-                self.providers.snapshots.delete(old)
-            except Exception:  # a leftover file is harmless
-                log.warning("lifecycle.old_snapshot_delete_failed")
+    def _drop_superseded(self, session_id: uuid.UUID, old: str | None, new: str | None) -> None:
+        """After ``new`` was committed as the session's snapshot: delete the one it
+        replaces, and any file an abandoned run of the session saved but never recorded."""
+        if not new or old == new:
+            return
+        try:
+            for url in ([old] if old else []) + self._unrecorded_snapshots(session_id, new):
+                self.providers.snapshots.delete(url)
+        except Exception:  # a leftover file is harmless
+            log.warning("lifecycle.old_snapshot_delete_failed")
+
+    def _unrecorded_snapshots(self, session_id: uuid.UUID, keep: str) -> list[str]:
+        """Snapshots that earlier runs of the session may have saved without recording
+        them: runs that held the lease and then ended without succeeding (a killed worker,
+        a database outage between the save and its checkpoint). The re-driven run saved
+        under its own key, and none of those runs can record anything any more."""
+        url_for = getattr(self.providers.snapshots, "url_for", None)
+        if url_for is None:
+            return []
+        ended = (RunState.ABANDONED.value, RunState.SKIPPED.value, RunState.FAILED.value)
+        with self.factory() as db:
+            run_ids = db.scalars(
+                select(LifecycleRunRecord.id).where(
+                    LifecycleRunRecord.session_id == session_id,
+                    LifecycleRunRecord.kind.in_(SNAPSHOT_KINDS),
+                    LifecycleRunRecord.state.in_(ended),
+                    LifecycleRunRecord.from_version.is_not(None),  # it did claim the session
+                )
+            ).all()
+        urls = [str(url_for(snapshot_key(session_id, rid))) for rid in run_ids]
+        return [url for url in urls if url != keep]
 
     def _provision(self, s: SessionRecord) -> dict[str, Any]:
         assert s.repo_owner and s.repo_name and s.branch
@@ -388,7 +421,9 @@ class LifecycleService:
 
     def _diff(self, s: SessionRecord) -> dict[str, Any]:
         name = self._require_sandbox(s)
-        diff = compute_diff(self.providers.sandbox.workdir(name), self.settings.default_branch)
+        diff = self.providers.diff(
+            self.providers.sandbox.workdir(name), self.settings.default_branch
+        )
         summary = diff["summary"]
         return {
             "cached_diff": diff,
@@ -404,7 +439,7 @@ class LifecycleService:
         changes = self._diff(s) if with_diff else {}
         # Keyed by run: a re-run of the same run overwrites the same file (one snapshot).
         info = self.providers.snapshots.save(
-            f"{s.id}-{run.id}", self.providers.sandbox.workdir(name)
+            snapshot_key(s.id, run.id), self.providers.sandbox.workdir(name)
         )
         changes.update(
             snapshot_url=info.url,
@@ -463,7 +498,7 @@ class LifecycleService:
             else:
                 jobs += runs.dispatch_next(db, row)
             db.flush()
-        self._drop_superseded(old_snapshot, values.get("snapshot_url"))
+        self._drop_superseded(s.id, old_snapshot, values.get("snapshot_url"))
         return Outcome(
             run_state.value,
             reason=error or "",
