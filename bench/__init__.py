@@ -1,0 +1,1 @@
+"""Benchmarks against raw baselines (``python -m bench``; see ``bench/README.md``)."""

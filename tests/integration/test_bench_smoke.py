@@ -1,0 +1,50 @@
+"""The benchmark runner's lightest path runs and writes ``results.json`` of the right
+shape. The figures themselves are never asserted (no wall-clock assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FIELDS = {"name", "metric", "system", "baseline", "ratio", "target", "met"}
+SPREADS = ("system_spread", "baseline_spread", "ratio_spread")
+
+
+def test_bench_tiny_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIFECYCLE_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--tiny", "--only", "diff,snapshot", "--output", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| diff" in proc.stdout and "| snapshot" in proc.stdout  # the table is printed
+
+    results = json.loads(out.read_text())
+    assert isinstance(results, list)
+    assert [(r["name"], r["metric"]) for r in results] == [
+        ("diff", "compute_diff time"),
+        ("snapshot", "save time"),
+        ("snapshot", "restore time"),
+    ]
+    for r in results:
+        assert r.keys() >= FIELDS, r
+        for key in ("system", "baseline", "ratio"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, r
+        assert math.isclose(r["ratio"], r["system"] / r["baseline"], rel_tol=1e-3)
+        assert isinstance(r["target"], str) and r["target"].split(" ")[0] in {"<=", ">=", "<"}
+        assert isinstance(r["met"], bool)
+        for key in SPREADS:
+            spread = r[key]
+            assert spread["min"] <= spread["median"] <= spread["max"], r
+            assert len(spread["values"]) == r["rounds"] >= 2
