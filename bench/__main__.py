@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(NAMES)}")
     parser.add_argument("--rounds", type=int, default=0, help="rounds per figure (default by mode)")
+    parser.add_argument("--api-workers", type=int, default=0, help="uvicorn workers (default 2)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results file")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args(argv)
@@ -149,8 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds:
         from dataclasses import replace
 
-        sizes = replace(sizes, rounds=args.rounds)
+        n = args.rounds
+        sizes = replace(sizes, rounds=n, orchestrate_rounds=n, snapshot_rounds=n)
 
+    if args.api_workers:
+        from dataclasses import replace
+
+        sizes = replace(sizes, api_workers=args.api_workers)
     started = time.monotonic()
 
     def log(message: str) -> None:
@@ -177,11 +183,17 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             finally:
                 if ctx._servers is not None:
-                    ctx.servers.reset_tables()
+                    try:
+                        ctx.servers.reset_tables()
+                    except Exception as exc:  # the servers went away: the next one says so
+                        log(f"could not reset the tables after {name}: {exc}")
             results.extend(got)
             log(f"{name}: done in {time.monotonic() - t:.1f}s")
             _write(args.output, results)
-        info.update(_server_versions(ctx))
+        try:
+            info.update(_server_versions(ctx))
+        except Exception as exc:
+            log(f"could not read the server versions: {exc}")
     finally:
         ctx.close()
         if args.keep:

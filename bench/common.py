@@ -65,7 +65,7 @@ SIZES: dict[Mode, Sizes] = {
         diff_files=2000,
         diff_lines_per_file=100,
         snapshot_mb=500,
-        snapshot_rounds=3,
+        snapshot_rounds=5,
         memory_sessions=10_000,
         memory_wave=1000,
     ),
