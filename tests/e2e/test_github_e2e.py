@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import redis_db_url
 from tests.e2e.conftest import Stack, _stack
 from tests.e2e.test_lifecycle_e2e import create, get, history, kick, wait_state
 from tests.factories import Caller, add_member, make_account, make_caller
@@ -41,7 +42,7 @@ def gh_stack(
     s = _stack(
         server_urls,
         tmp_path_factory.mktemp("e2e-github"),
-        server_urls["broker_url"].rsplit("/", 1)[0] + "/13",
+        redis_db_url(server_urls["broker_url"], 2),
         fake_github.settings_env(),
     )
     import redis

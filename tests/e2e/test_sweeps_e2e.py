@@ -11,6 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import update
 
+from tests.conftest import redis_db_url
 from tests.e2e.conftest import Stack, _stack, wait_until
 from tests.e2e.test_lifecycle_e2e import create, get, history, wait_state
 from tests.factories import Caller
@@ -26,7 +27,7 @@ def swept(server_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
     s = _stack(
         server_urls,
         tmp_path_factory.mktemp("e2e-sweeps"),
-        server_urls["broker_url"].rsplit("/", 1)[0] + "/12",
+        redis_db_url(server_urls["broker_url"], 1),
         {
             "LIFECYCLE_IDLE_TIMEOUT_SECONDS": "4",
             "LIFECYCLE_SWEEP_INTERVAL_SECONDS": "1",

@@ -184,6 +184,16 @@ def publish_now(
     return _send(factory, [(r.id, r.task_name, r.payload, r.queue) for r in records], publisher)
 
 
+def publish_rows(
+    factory: sessionmaker[Session],
+    rows: Iterable[tuple[int, str, dict[str, Any], str | None]],
+    publisher: Publisher,
+) -> RelayResult:
+    """Publish outbox rows the caller just committed (and claimed), given as
+    ``(id, task_name, payload, queue)`` tuples: for callers that insert with Core."""
+    return _send(factory, rows, publisher)
+
+
 def relay(
     factory: sessionmaker[Session],
     publisher: Publisher,
