@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
@@ -14,6 +16,20 @@ from worker.config import Settings, get_settings
 from worker.db.engine import get_sessionmaker
 from worker.errors import InvalidInput, PayloadTooLarge, Unauthorized
 from worker.services import accounts
+
+
+@contextlib.contextmanager
+def transaction(db: Session) -> Iterator[None]:
+    """The request's transaction (begun by authentication, or now): committed when the
+    block succeeds, rolled back when it raises."""
+    if not db.in_transaction():
+        db.begin()
+    try:
+        yield
+    except BaseException:
+        db.rollback()
+        raise
+    db.commit()
 
 
 def get_db() -> Iterator[Session]:
@@ -34,12 +50,8 @@ SettingsDep = Annotated[Settings, Depends(app_settings)]
 DbDep = Annotated[Session, Depends(get_db)]
 
 
-def current_account(
-    db: DbDep,
-    x_api_key: Annotated[str | None, Header(description="API key (or use Authorization)")] = None,
-    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
-) -> uuid.UUID:
-    """Exactly one of ``x-api-key`` or ``Authorization: Bearer`` identifies the caller."""
+def api_key_of(x_api_key: str | None, authorization: str | None) -> str:
+    """The key from exactly one of ``x-api-key`` or ``Authorization: Bearer`` (401 else)."""
     if (x_api_key is None) == (authorization is None):
         raise Unauthorized("Exactly one of x-api-key or Authorization must be provided")
     if authorization is not None:
@@ -51,34 +63,67 @@ def current_account(
     key = key.strip()
     if not key or len(key) > 512:
         raise Unauthorized("Unauthorized")
-    account_id = accounts.authenticate(db, key)
-    db.rollback()  # end the read-only transaction; the route opens its own
-    return account_id
+    return key
+
+
+XApiKey = Annotated[str | None, Header(description="API key (or use Authorization)")]
+Authorization = Annotated[str | None, Header(description="Bearer <API key>")]
+
+
+def current_account(
+    db: DbDep, x_api_key: XApiKey = None, authorization: Authorization = None
+) -> uuid.UUID:
+    """Exactly one of ``x-api-key`` or ``Authorization: Bearer`` identifies the caller."""
+    key = api_key_of(x_api_key, authorization)
+    # The lookup opens the request's transaction; the route goes on in it (one pooled
+    # connection and one commit per request), through ``transaction(db)``.
+    return accounts.authenticate(db, key)
 
 
 AccountDep = Annotated[uuid.UUID, Depends(current_account)]
 
 
-async def json_body(request: Request) -> tuple[dict[str, Any], bytes]:
-    """The request body as a JSON object (empty body = ``{}``), bounded in size."""
-    settings = app_settings(request)
+@dataclass
+class RawBody:
+    """The request body as read, at most ``limit + 1`` bytes of it."""
+
+    data: bytes
+    too_large: bool
+
+
+async def raw_body(request: Request) -> RawBody:
+    """Read the body without judging it, so a route can authenticate the caller first."""
+    limit = app_settings(request).max_body_bytes
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
-        raise PayloadTooLarge(f"Request body too large (limit {settings.max_body_bytes} bytes)")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return RawBody(b"", too_large=True)
     raw = b""
     async for chunk in request.stream():
         raw += chunk
-        if len(raw) > settings.max_body_bytes:
-            raise PayloadTooLarge(f"Request body too large (limit {settings.max_body_bytes} bytes)")
-    if not raw.strip():
-        return {}, raw
+        if len(raw) > limit:
+            return RawBody(b"", too_large=True)
+    return RawBody(raw, too_large=False)
+
+
+def parse_json_object(body: RawBody, settings: Settings) -> dict[str, Any]:
+    """The body as a JSON object (empty body = ``{}``): 413 too large, 400 not an object."""
+    if body.too_large:
+        raise PayloadTooLarge(f"Request body too large (limit {settings.max_body_bytes} bytes)")
+    if not body.data.strip():
+        return {}
     try:
-        data = json.loads(raw)
+        data = json.loads(body.data)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurd nesting
         raise InvalidInput("Invalid JSON body") from None
     if not isinstance(data, dict):
         raise InvalidInput("Request body must be a JSON object")
-    return data, raw
+    return data
+
+
+async def json_body(request: Request) -> tuple[dict[str, Any], bytes]:
+    """The request body as a JSON object (empty body = ``{}``), bounded in size."""
+    body = await raw_body(request)
+    return parse_json_object(body, app_settings(request)), body.data
 
 
 BodyDep = Annotated[tuple[dict[str, Any], bytes], Depends(json_body)]

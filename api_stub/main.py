@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from api_stub import errors
 from api_stub.routes import health, metrics, sessions
 from worker.celery_app import create_celery
 from worker.config import Settings, get_settings
+from worker.db.engine import get_sessionmaker
 from worker.logging import configure_logging
 from worker.providers.registry import build_repo_host
-from worker.services.outbox import CeleryPublisher
+from worker.services.outbox import BackgroundPublisher, CeleryPublisher
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # Publish what the last requests committed before the process goes (what is
+        # left behind is the relay's, after the claim expires).
+        app.state.background_publisher.close(timeout=5.0)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Session Lifecycle Worker API",
         version="0.1.0",
         description="Create agent sessions and drive their sandboxes through their lifecycle.",
@@ -29,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     transport["max_retries"] = 0
     app.state.celery.conf.broker_transport_options = transport
     app.state.publisher = CeleryPublisher(app.state.celery)
+    app.state.background_publisher = BackgroundPublisher(get_sessionmaker, app.state.publisher)
     app.state.repo_host = build_repo_host(settings)
     errors.install(app)
     app.include_router(health.router)

@@ -5,11 +5,25 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
-from api_stub.deps import AccountDep, BodyDep, DbDep, SettingsDep
+from api_stub.deps import (
+    AccountDep,
+    Authorization,
+    BodyDep,
+    DbDep,
+    RawBody,
+    SettingsDep,
+    XApiKey,
+    api_key_of,
+    app_settings,
+    parse_json_object,
+    raw_body,
+    transaction,
+)
 from api_stub.schemas import (
     CachedDiff,
     ErrorBody,
@@ -29,7 +43,7 @@ from worker.db.engine import get_sessionmaker
 from worker.db.models import LifecycleRunRecord, OutboxRecord
 from worker.domain.lifecycle import LifecycleState, RunKind, SessionStatus
 from worker.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
-from worker.services import idempotency, outbox, runs, sessions
+from worker.services import accounts, idempotency, outbox, runs, sessions
 
 router = APIRouter(prefix="/api/sessions", tags=["sessions"])
 
@@ -37,13 +51,18 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 412, 413, 503)
 }
 _INT_MAX = 2**31 - 1
+RawBodyDep = Annotated[RawBody, Depends(raw_body)]
 
 
-def _publish(request: Request, records: list[OutboxRecord]) -> None:
-    """After commit: publish the jobs now; anything the broker refuses stays in the
-    outbox for the relay."""
-    if records:
-        outbox.publish_now(get_sessionmaker(), records, request.app.state.publisher)
+def _publish(request: Request, records: list[OutboxRecord] | list[outbox.OutboxRow]) -> None:
+    """After commit: hand the jobs to the process's background publisher, which publishes
+    them within milliseconds; anything the broker refuses stays in the outbox for the
+    relay."""
+    rows = [
+        (r.id, r.task_name, r.payload, r.queue) if isinstance(r, OutboxRecord) else r
+        for r in records
+    ]
+    request.app.state.background_publisher.submit(rows)
 
 
 def _uuid_field(data: dict[str, Any], key: str) -> uuid.UUID | None:
@@ -103,51 +122,69 @@ def _json_body_doc(model: type[SessionCreate] | type[SessionUpdate]) -> dict[str
     openapi_extra=_json_body_doc(SessionCreate),
     summary="Create session",
 )
-def create_session(
+async def create_session(
     request: Request,
-    account: AccountDep,
-    body: BodyDep,
-    db: DbDep,
-    settings: SettingsDep,
+    body: RawBodyDep,
+    x_api_key: XApiKey = None,
+    authorization: Authorization = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> Response:
     """Record a session, its first chat and the provision job in one transaction, then
     publish the job. Never waits on GitHub or a sandbox."""
-    data, raw = body
-    create = sessions.CreateSession(
-        title=_str_field(data, "title"),
-        organization_id=_uuid_field(data, "organizationId"),
-        artist_id=_uuid_field(data, "artistId"),
+    # All the blocking work in one hop to the thread pool (each sync dependency would
+    # cost a hop of its own): authenticate, validate, insert, commit.
+    return await run_in_threadpool(
+        _create_session, request, body, x_api_key, authorization, idempotency_key
     )
-    if create.title is not None and len(create.title.strip()) > settings.max_title_length:
-        raise InvalidInput(
-            f"title must be at most {settings.max_title_length} characters",
-            missing_fields=["title"],
+
+
+def _create_session(
+    request: Request,
+    body: RawBody,
+    x_api_key: str | None,
+    authorization: str | None,
+    idempotency_key: str | None,
+) -> Response:
+    settings = app_settings(request)
+    key = api_key_of(x_api_key, authorization)
+    with get_sessionmaker()() as db:
+        # The caller first (401 before any 413/400), in the transaction that inserts.
+        account = accounts.authenticate(db, key)
+        data = parse_json_object(body, settings)
+        create = sessions.CreateSession(
+            title=_str_field(data, "title"),
+            organization_id=_uuid_field(data, "organizationId"),
+            artist_id=_uuid_field(data, "artistId"),
         )
-    repo_host = request.app.state.repo_host
-    with db.begin():
-        if idempotency_key is not None:
-            replay = idempotency.begin(
-                db,
-                account,
-                idempotency_key,
-                idempotency.request_hash("POST", "/api/sessions", raw),
-                settings.idempotency_ttl_seconds,
+        if create.title is not None and len(create.title.strip()) > settings.max_title_length:
+            raise InvalidInput(
+                f"title must be at most {settings.max_title_length} characters",
+                missing_fields=["title"],
             )
-            if replay is not None:
-                return JSONResponse(replay.body, status_code=replay.status_code)
-        owner, name = sessions.workspace_repo(settings, account, create.organization_id)
-        created = sessions.create_session(
-            db,
-            settings,
-            account,
-            create,
-            clone_url=repo_host.clone_url(owner, name),
-            sandbox_type=settings.sandbox_provider,
-        )
-        payload = {"session": session_dict(created.session), "chat": chat_dict(created.chat)}
-        if idempotency_key is not None:
-            idempotency.finish(db, account, idempotency_key, 200, payload)
+        repo_host = request.app.state.repo_host
+        with transaction(db):
+            if idempotency_key is not None:
+                replay = idempotency.begin(
+                    db,
+                    account,
+                    idempotency_key,
+                    idempotency.request_hash("POST", "/api/sessions", body.data),
+                    settings.idempotency_ttl_seconds,
+                )
+                if replay is not None:
+                    return JSONResponse(replay.body, status_code=replay.status_code)
+            owner, name = sessions.workspace_repo(settings, account, create.organization_id)
+            created = sessions.create_session(
+                db,
+                settings,
+                account,
+                create,
+                clone_url=repo_host.clone_url(owner, name),
+                sandbox_type=settings.sandbox_provider,
+            )
+            payload = {"session": session_dict(created.session), "chat": chat_dict(created.chat)}
+            if idempotency_key is not None:
+                idempotency.finish(db, account, idempotency_key, 200, payload)
     _publish(request, created.outbox)
     return JSONResponse(payload)
 
@@ -227,7 +264,7 @@ def patch_session(
         lines_added=_count_field(data, "linesAdded"),
         lines_removed=_count_field(data, "linesRemoved"),
     )
-    with db.begin():
+    with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
         if if_match is not None:
             current = etag_of(session_dict(record))
@@ -243,7 +280,7 @@ def patch_session(
 def _kick(
     request: Request, session_id: str, account: uuid.UUID, db: Any, kind: RunKind
 ) -> Response:
-    with db.begin():
+    with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
         if record.lifecycle_state == LifecycleState.ARCHIVED.value or (
             record.status == SessionStatus.ARCHIVED.value and kind is not RunKind.ARCHIVE
@@ -285,7 +322,7 @@ def kick_diff(request: Request, session_id: str, account: AccountDep, db: DbDep)
     summary="Heartbeat: push hibernateAfter out while the sandbox is active",
 )
 def activity(session_id: str, account: AccountDep, db: DbDep, settings: SettingsDep) -> Response:
-    with db.begin():
+    with transaction(db):
         record = sessions.get_owned(db, account, session_id)
         sessions.record_activity(db, settings, record)
         data = session_dict(record)

@@ -29,11 +29,11 @@ def lenient(api_app: FastAPI, db_clean: object, redis_client: object) -> Iterato
         yield c
 
 
-# Each target runs after the session row is inserted and before the commit.
+# Each target runs after the statement writing the session, chat, run and outbox job,
+# and before the commit.
 FAILURE_POINTS = [
-    "worker.services.runs.enqueue",  # the provision run is queued
-    "worker.services.outbox.add",  # the outbox record is written
-    "worker.services.runs.new_run",  # the provision run is recorded
+    "api_stub.routes.sessions.session_dict",  # the response's session is built
+    "api_stub.routes.sessions.chat_dict",  # the response's chat is built
     "worker.services.idempotency.finish",  # the Idempotency-Key response is stored
 ]
 
@@ -43,15 +43,15 @@ def test_failure_before_commit_leaves_no_trace(
     lenient: TestClient, caller: Caller, monkeypatch: pytest.MonkeyPatch, target: str
 ) -> None:
     inserted: list[str] = []
-    from sqlalchemy.dialects.postgresql import insert as real_insert
+    from sqlalchemy import event
 
-    from worker.services import sessions
+    from worker.db.engine import get_engine
 
-    def spying_insert(table: Any) -> Any:
-        inserted.append(getattr(table, "__tablename__", str(table)))
-        return real_insert(table)
+    def spy(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "INSERT INTO sessions" in statement:
+            inserted.append("sessions")
 
-    monkeypatch.setattr(sessions, "pg_insert", spying_insert)
+    event.listen(get_engine(), "after_cursor_execute", spy)
     monkeypatch.setattr(target, _raise)
     before = row_counts()
     r = lenient.post(
@@ -63,6 +63,7 @@ def test_failure_before_commit_leaves_no_trace(
     assert r.json() == {"status": "error", "error": "Internal server error"}
     assert "sessions" in inserted  # the failure really came after the session insert
     assert row_counts() == before  # no session, chat, outbox record, run or key
+    event.remove(get_engine(), "after_cursor_execute", spy)
 
 
 def test_the_failure_is_not_sticky(
@@ -71,7 +72,7 @@ def test_the_failure_is_not_sticky(
     """After a failed attempt the same request (same Idempotency-Key) succeeds once."""
     headers = {**caller.headers, "Idempotency-Key": "retry-me"}
     with monkeypatch.context() as m:
-        m.setattr("worker.services.outbox.add", _raise)
+        m.setattr("worker.services.idempotency.finish", _raise)
         assert (
             lenient.post("/api/sessions", headers=headers, json={"title": "t"}).status_code == 500
         )
@@ -92,7 +93,7 @@ def test_internal_errors_do_not_leak_details(
     def leak(*_: Any, **__: Any) -> Any:
         raise Boom(f"secret {caller.key}")
 
-    monkeypatch.setattr("worker.services.runs.enqueue", leak)
+    monkeypatch.setattr("api_stub.routes.sessions.session_dict", leak)
     r = lenient.post("/api/sessions", headers=caller.headers)
     assert r.status_code == 500
     assert caller.key not in r.text and "Boom" not in r.text

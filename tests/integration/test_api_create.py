@@ -230,6 +230,8 @@ def test_each_create_is_a_new_session_with_one_chat(client: TestClient, caller: 
 
 def test_the_provision_job_is_published_after_commit(client: TestClient, caller: Caller) -> None:
     body = create(client, caller)
+    # The request returns after its commit; the process's publisher thread publishes.
+    assert client.app.state.background_publisher.flush(timeout=30)  # type: ignore[attr-defined]
     rows = sql(
         "SELECT published_at FROM outbox WHERE payload->'kwargs'->>'session_id' = :id",
         id=body["session"]["id"],

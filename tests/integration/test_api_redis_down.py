@@ -74,6 +74,8 @@ def test_sessions_are_recorded_while_redis_is_down_and_published_when_it_returns
     with TestClient(create_app(settings)) as client:
         # The broker works: the job is published at once.
         first = create(client, caller, {"title": "while up"})
+        # The request returns after its commit; the process's publisher thread publishes.
+        assert client.app.state.background_publisher.flush(timeout=30)  # type: ignore[attr-defined]
         assert [m["kwargs"]["session_id"] for m in _messages(private_redis.url)] == [
             first["session"]["id"]
         ]
@@ -85,6 +87,8 @@ def test_sessions_are_recorded_while_redis_is_down_and_published_when_it_returns
             redis.Redis.from_url(private_redis.url, socket_connect_timeout=1).ping()
 
         created = [create(client, caller, {"title": f"while down {i}"}) for i in range(3)]
+        # Each publish attempt failed (or was skipped in the cooldown) and released its row.
+        assert client.app.state.background_publisher.flush(timeout=30)  # type: ignore[attr-defined]
 
     ids = {c["session"]["id"] for c in created}
     assert len(ids) == 3

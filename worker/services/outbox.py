@@ -4,6 +4,8 @@ published after commit; the relay publishes whatever is still unpublished."""
 from __future__ import annotations
 
 import contextlib
+import os
+import queue as queue_mod
 import threading
 import time
 import uuid
@@ -269,3 +271,107 @@ def backlog(db: Session) -> tuple[int, float | None]:
 
 
 PublisherFactory = Callable[[], Publisher]
+
+OutboxRow = tuple[int, str, dict[str, Any], str | None]
+
+
+class BackgroundPublisher:
+    """Publishes committed outbox rows from one daemon thread per process, so a request
+    (or a task) returns right after its commit instead of waiting on the broker and on a
+    second transaction that marks the row published.
+
+    Rows submitted while the thread is busy are published together: one pipelined
+    broker round trip and one ``UPDATE`` marking them all. Nothing is lost when the
+    process dies first: the rows stay in the outbox, claimed for ``CLAIM_SECONDS``, and
+    the relay publishes them after that."""
+
+    def __init__(
+        self,
+        factory: Callable[[], sessionmaker[Session]],
+        publisher: Publisher,
+        *,
+        max_batch: int = 500,
+    ) -> None:
+        self._factory = factory
+        self._publisher = publisher
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._pid = -1
+        self._queue: queue_mod.SimpleQueue[OutboxRow | None] = queue_mod.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._submitted = 0
+        self._handled = 0
+
+    def submit(self, rows: Iterable[OutboxRow]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        with self._lock:
+            self._ensure_thread()
+            self._submitted += len(rows)
+        for row in rows:
+            self._queue.put(row)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every row submitted so far was published (or left to the relay)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            target = self._submitted
+            while self._handled < target and self._pid == os.getpid():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._done.wait(left)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Publish what is queued, then stop the thread."""
+        with self._lock:
+            thread = self._thread if self._pid == os.getpid() else None
+        if thread is None:
+            return
+        self.flush(timeout)
+        self._queue.put(None)
+        thread.join(timeout)
+        with self._lock:
+            self._thread = None
+
+    def _ensure_thread(self) -> None:
+        # Started lazily and again in a forked child (threads do not survive a fork).
+        if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+            if self._pid != os.getpid():
+                self._queue = queue_mod.SimpleQueue()
+                self._submitted = self._handled = 0
+            self._pid = os.getpid()
+            self._thread = threading.Thread(
+                target=self._run, args=(self._queue,), name="outbox-publisher", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self, q: queue_mod.SimpleQueue[OutboxRow | None]) -> None:
+        while True:
+            first = q.get()
+            if first is None:
+                return
+            rows = [first]
+            stop = False
+            while len(rows) < self._max_batch:
+                try:
+                    item = q.get_nowait()
+                except queue_mod.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                rows.append(item)
+            try:
+                _send(self._factory(), sorted(rows, key=lambda r: r[0]), self._publisher)
+            except Exception as exc:  # the rows stay claimed; the relay publishes them later
+                log.warning("outbox.background_publish_failed", error=type(exc).__name__)
+            finally:
+                with self._lock:
+                    self._handled += len(rows)
+                    self._done.notify_all()
+            if stop:
+                return
