@@ -53,6 +53,10 @@ class Settings(BaseSettings):
 
     idempotency_ttl_seconds: int = Field(default=24 * 3600, gt=0)
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    # Session creates one API process runs in threads at once (the rest queue in its
+    # event loop): enough to overlap database round trips, few enough not to fight
+    # over the GIL.
+    api_create_threads: int = Field(default=4, gt=0, le=64)
     max_title_length: int = Field(default=200, gt=0)
 
     log_level: str = "INFO"

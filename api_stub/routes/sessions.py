@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
-from starlette.concurrency import run_in_threadpool
 
 from api_stub.deps import (
     AccountDep,
@@ -133,9 +133,26 @@ async def create_session(
     publish the job. Never waits on GitHub or a sandbox."""
     # All the blocking work in one hop to the thread pool (each sync dependency would
     # cost a hop of its own): authenticate, validate, insert, commit.
-    return await run_in_threadpool(
-        _create_session, request, body, x_api_key, authorization, idempotency_key
+    return await anyio.to_thread.run_sync(
+        _create_session,
+        request,
+        body,
+        x_api_key,
+        authorization,
+        idempotency_key,
+        limiter=_create_limiter(request),
     )
+
+
+def _create_limiter(request: Request) -> anyio.CapacityLimiter:
+    """At most ``api_create_threads`` creates of this process in threads at once: more
+    would only take turns on the GIL (and stretch every one of them); the rest wait their
+    turn in the event loop, where waiting costs nothing."""
+    limiter: anyio.CapacityLimiter | None = getattr(request.app.state, "create_limiter", None)
+    if limiter is None:
+        limiter = anyio.CapacityLimiter(app_settings(request).api_create_threads)
+        request.app.state.create_limiter = limiter
+    return limiter
 
 
 def _create_session(
