@@ -47,7 +47,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "enable_utc": True,
         "task_ignore_result": True,
         "task_track_started": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": settings.task_sent_events,
         "worker_send_task_events": True,
         "worker_hijack_root_logger": False,
         "broker_connection_retry_on_startup": True,
