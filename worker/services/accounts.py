@@ -98,7 +98,8 @@ def revoke_key(db: Session, key_id: uuid.UUID) -> None:
 def authenticate(db: Session, key: str) -> uuid.UUID:
     """The account owning ``key``; :class:`Unauthorized` for unknown, expired or revoked keys."""
     digest = hash_key(key)
-    row = db.execute(
+    # On the session's connection: a plain Core query skips the ORM's statement layer.
+    row = db.connection().execute(
         select(
             ApiKeyRecord.key_hash,
             ApiKeyRecord.account_id,

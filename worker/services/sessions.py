@@ -195,10 +195,11 @@ def create_session(
     # One statement writes the session, its first chat, the queued provision run and the
     # run's outbox job. A generated title that collides with one of the owner's inserts
     # nothing (ON CONFLICT on the partial unique index) and is simply drawn again.
+    conn = db.connection()
     for _ in range(50):
         if values["title_generated"]:
             params["title"] = values["title"] = generate_title()
-        outbox_id = db.execute(_CREATE_SQL, params).scalar()
+        outbox_id = conn.execute(_CREATE_SQL, params).scalar()
         if outbox_id is not None:
             break
     else:  # pragma: no cover - 50 collisions in a space of millions
