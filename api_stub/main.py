@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,6 +24,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Everything imported and built so far lives as long as the process: keep it out
+        # of the collector's full passes, which would otherwise walk ~120,000 objects
+        # (~50 ms, a pause for every request in flight) every few thousand requests.
+        gc.collect()
+        gc.freeze()
         yield
         # Publish what the last requests committed before the process goes (what is
         # left behind is the relay's, after the claim expires).
