@@ -3,14 +3,38 @@ snapshot expiry. Each is safe to run twice at once and returns what it did."""
 
 from __future__ import annotations
 
+import json
+import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import (
+    ARRAY,
+    DateTime,
+    Integer,
+    Row,
+    String,
+    Table,
+    Text,
+    bindparam,
+    cast,
+    column,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
+from sqlalchemy.orm import Session
 
 from worker.db.models import LifecycleRunRecord, OutboxRecord, SessionRecord
 from worker.domain.lifecycle import OPEN_RUN_STATES, LifecycleState, RunKind, RunState
 from worker.logging import get_logger
+from worker.routing import queue_for
 from worker.services import outbox, runs
 
 if TYPE_CHECKING:
@@ -29,13 +53,16 @@ def _open_run_exists() -> Any:
 
 def due_candidates_query(guard_seconds: float, batch: int) -> Any:
     """Active, unleased sessions past their due time, oldest due first, over the partial
-    expression index ``ix_sessions_hibernate_due`` (its cost follows the due rows)."""
+    expression index ``ix_sessions_hibernate_due`` (its cost follows the due rows).
+
+    Selects only what queueing a hibernate run needs: ``(id, lifecycle_version,
+    sandbox_state)`` (the version the run is issued against, the state for routing)."""
     from worker.services.lifecycle import no_active_stream
 
     guard = timedelta(seconds=guard_seconds)
     due_key = func.least(S.hibernate_after, S.sandbox_expires_at)
     return (
-        select(S)
+        select(S.id, S.lifecycle_version, S.sandbox_state)
         .where(
             S.lifecycle_state == LifecycleState.ACTIVE.value,
             # Index condition (a superset, exact for the guard-free part) ...
@@ -52,6 +79,131 @@ def due_candidates_query(guard_seconds: float, batch: int) -> Any:
     )
 
 
+OutboxRow = tuple[int, str, dict[str, Any], str | None]
+
+_UUIDS = ARRAY(PG_UUID(as_uuid=True))
+# The Core tables: executed with plain parameters, an INSERT of an ORM entity would take
+# the ORM's bulk path.
+_RUNS_TABLE: Table = LifecycleRunRecord.__table__  # type: ignore[assignment]
+_OUTBOX_TABLE: Table = OutboxRecord.__table__  # type: ignore[assignment]
+
+
+def _insert_runs_stmt() -> Any:
+    """One INSERT of every queued run of a batch, the rows passed as arrays (a fixed
+    statement, compiled and prepared once, whatever the batch size)."""
+    rows = (
+        func.unnest(
+            bindparam("run_ids", type_=_UUIDS),
+            bindparam("session_ids", type_=_UUIDS),
+            bindparam("versions", type_=ARRAY(Integer)),
+        )
+        .table_valued("id", "session_id", "version")
+        .render_derived()
+    )
+    now = bindparam("now", type_=DateTime(timezone=True))
+    return insert(_RUNS_TABLE).from_select(
+        [
+            "id",
+            "session_id",
+            "kind",
+            "trigger",
+            "state",
+            "attempts",
+            "issued_version",
+            "created_at",
+            "updated_at",
+        ],
+        select(
+            rows.c.id,
+            rows.c.session_id,
+            bindparam("kind", type_=String),
+            bindparam("trigger", type_=String),
+            bindparam("state", type_=String),
+            bindparam("attempts", type_=Integer),
+            rows.c.version,
+            now,
+            now,
+        ),
+    )
+
+
+def _insert_jobs_stmt() -> Any:
+    """One INSERT of every job of a batch, passed as one JSON array of ``{"payload",
+    "queue"}`` objects (one parameter: psycopg adapts a ``text[]`` of JSON documents
+    several times slower), returning each record's id with its task id (to pair them
+    without relying on the order of RETURNING)."""
+    jobs = (
+        func.jsonb_array_elements(cast(bindparam("jobs", type_=Text), JSONB))
+        .table_valued(column("job", JSONB))
+        .render_derived()
+    )
+    return (
+        insert(_OUTBOX_TABLE)
+        .from_select(
+            ["task_name", "payload", "queue", "created_at", "claimed_until", "attempts"],
+            select(
+                bindparam("task_name", type_=Text),
+                jobs.c.job["payload"],
+                jobs.c.job["queue"].astext,
+                bindparam("now", type_=DateTime(timezone=True)),
+                bindparam("claimed_until", type_=DateTime(timezone=True)),
+                bindparam("attempts", type_=Integer),
+            ),
+        )
+        .returning(_OUTBOX_TABLE.c.id, _OUTBOX_TABLE.c.payload["task_id"].astext)
+    )
+
+
+_INSERT_RUNS = _insert_runs_stmt()
+_INSERT_JOBS = _insert_jobs_stmt()
+
+
+def _queue_hibernate_runs(
+    db: Session, due: Sequence[Row[uuid.UUID, int, dict[str, Any]]]
+) -> list[OutboxRow]:
+    """What ``runs.enqueue(db, s, runs.new_run(db, s, HIBERNATE, "sweep"))`` does for
+    each locked candidate, in two statements: a queued run (trigger ``sweep``) issued
+    against the session's version, and its job in the outbox, claimed for publishing
+    right after commit as ``outbox.add(claim=True)`` records it. Returns the jobs as
+    ``(id, task_name, payload, queue)`` rows, in id order."""
+    conn = db.connection()
+    now = datetime.now(UTC)
+    run_ids = [uuid.uuid4() for _ in due]
+    conn.execute(
+        _INSERT_RUNS,
+        {
+            "run_ids": run_ids,
+            "session_ids": [sid for sid, _v, _st in due],
+            "versions": [version for _sid, version, _st in due],
+            "kind": RunKind.HIBERNATE.value,
+            "trigger": "sweep",
+            "state": RunState.QUEUED.value,
+            "attempts": 0,
+            "now": now,
+        },
+    )
+    task_name = runs.TASK_FOR_KIND[RunKind.HIBERNATE]
+    jobs: dict[str, tuple[dict[str, Any], str]] = {}  # task id -> (payload, queue)
+    for (sid, version, sandbox_state), rid in zip(due, run_ids, strict=True):
+        task_id = str(uuid.uuid4())
+        payload = {
+            "kwargs": {"session_id": str(sid), "run_id": str(rid), "version": version},
+            "task_id": task_id,
+        }
+        jobs[task_id] = (payload, queue_for(RunKind.HIBERNATE, sandbox_state))
+    ids = conn.execute(
+        _INSERT_JOBS,
+        {
+            "task_name": task_name,
+            "jobs": json.dumps([{"payload": p, "queue": q} for p, q in jobs.values()]),
+            "now": now,
+            "claimed_until": now + timedelta(seconds=outbox.CLAIM_SECONDS),
+            "attempts": 0,
+        },
+    ).all()
+    return [(oid, task_name, *jobs[task_id]) for oid, task_id in sorted(ids)]
+
+
 def hibernate_idle(svc: LifecycleService) -> dict[str, Any]:
     """Queue a hibernate run (trigger ``sweep``) for every due session. The run's claim
     re-checks that the session is still idle, so activity in between wins."""
@@ -59,17 +211,13 @@ def hibernate_idle(svc: LifecycleService) -> dict[str, Any]:
     queued = 0
     for _ in range(MAX_BATCHES):
         with svc.factory.begin() as db:
-            due = list(
-                db.scalars(
-                    due_candidates_query(
-                        settings.hibernate_guard_seconds, settings.sweep_batch_size
-                    )
-                )
-            )
-            jobs = [
-                runs.enqueue(db, s, runs.new_run(db, s, RunKind.HIBERNATE, "sweep")) for s in due
-            ]
-        svc._publish(jobs)
+            due = db.execute(
+                due_candidates_query(settings.hibernate_guard_seconds, settings.sweep_batch_size)
+            ).all()
+            jobs = _queue_hibernate_runs(db, due) if due else []
+        # After the commit, in one broker round trip, then one UPDATE marks them sent.
+        if jobs and svc.publisher is not None:
+            outbox.publish_rows(svc.factory, jobs, svc.publisher)
         queued += len(due)
         if len(due) < settings.sweep_batch_size:
             break
