@@ -3,17 +3,20 @@ published after commit; the relay publishes whatever is still unpublished."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import queue as queue_mod
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from celery.utils.nodenames import anon_nodename
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,6 +26,10 @@ from worker.logging import get_logger, redact_text
 log = get_logger(__name__)
 
 CLAIM_SECONDS = 30.0
+
+
+Job = tuple[str, dict[str, Any], str, str | None]  # task name, kwargs, task id, queue
+OutboxRow = tuple[int, str, dict[str, Any], str | None]  # id, task name, payload, queue
 
 
 class Publisher(Protocol):
@@ -45,6 +52,9 @@ class CeleryPublisher:
         self._down_until = 0.0
         self._lock = threading.Lock()
         self._local = threading.local()  # the producer of the current thread's batch
+        self._pushable: bool | None = None
+        self._declared: dict[str, tuple[str, int]] = {}
+        self._origin = anon_nodename()
 
     def __call__(
         self, task_name: str, kwargs: dict[str, Any], task_id: str, queue: str | None
@@ -86,6 +96,88 @@ class CeleryPublisher:
         except Exception:
             self._mark_down()
             raise
+
+    def publish_many(self, jobs: Sequence[Job]) -> None:
+        """Publish ``jobs`` (task name, kwargs, task id, queue) in one broker round trip.
+
+        On Redis (without task-sent events) each message is built by Celery's own
+        protocol builder (``amqp.as_task_v2``), wrapped in the envelope kombu's Redis
+        transport stores, and all of them are pushed in one pipeline: the same bytes
+        ``send_task`` writes (a test compares them) at about a fifth of its CPU, which
+        went mostly to kombu's per-message producer machinery. Elsewhere: ``send_task``
+        in a producer batch. Raises when the broker did not take them; some may have been
+        sent anyway, which only means a duplicate delivery."""
+        self._check_up()
+        try:
+            if self._can_push():
+                self._push(jobs)
+                return
+            with self.batch():
+                for job in jobs:
+                    self(*job)
+        except Exception:
+            self._mark_down()
+            raise
+
+    def _can_push(self) -> bool:
+        if self._pushable is None:
+            conf = self.app.conf
+            scheme = str(conf.broker_url or "").split(":", 1)[0]
+            self._pushable = (
+                scheme in ("redis", "rediss")
+                and not conf.task_send_sent_event
+                and not conf.task_compression
+                and conf.task_serializer == "json"
+            )
+        return self._pushable
+
+    def _push(self, jobs: Sequence[Job]) -> None:
+        app = self.app
+        amqp = app.amqp
+        reply_to = app.thread_oid
+        default_queue = app.conf.task_default_queue
+        with app.producer_or_acquire() as producer:
+            channel = producer.channel
+            pipe = channel.client.pipeline(transaction=False)
+            for task_name, kwargs, task_id, queue in jobs:
+                qname = queue or default_queue
+                declared = self._declared.get(qname)
+                if declared is None:
+                    # As send_task does (kombu caches it per channel): the queue's
+                    # bindings, which a worker also declares when it starts.
+                    entity = amqp.queues[qname]
+                    producer.maybe_declare(entity)
+                    mode = getattr(entity.exchange, "delivery_mode", None) or 2
+                    declared = self._declared[qname] = (channel._q_for_pri(qname, 0), mode)
+                key, mode = declared
+                headers, properties, body, _ = amqp.as_task_v2(
+                    task_id,
+                    task_name,
+                    (),
+                    kwargs,
+                    reply_to=reply_to,
+                    origin=self._origin,
+                    ignore_result=None,
+                    argsrepr="()",
+                    kwargsrepr=repr(kwargs),
+                )
+                payload = json.dumps(body).encode("utf-8")
+                properties.update(
+                    delivery_mode=mode,
+                    delivery_info={"exchange": "", "routing_key": qname},
+                    priority=0,
+                    body_encoding="base64",
+                    delivery_tag=str(uuid.uuid4()),
+                )
+                message = {
+                    "body": base64.b64encode(payload).decode("ascii"),
+                    "content-encoding": "utf-8",
+                    "content-type": "application/json",
+                    "headers": headers,
+                    "properties": properties,
+                }
+                pipe.lpush(key, json.dumps(message))
+            pipe.execute()
 
     def _check_up(self) -> None:
         if time.monotonic() < self._down_until:
@@ -143,9 +235,9 @@ def _send(
     publisher: Publisher,
 ) -> RelayResult:
     records = list(records)
-    batch = getattr(publisher, "batch", None)
-    if batch is not None and len(records) > 1:
-        return _send_batch(factory, records, publisher, batch)
+    many = getattr(publisher, "publish_many", None)
+    if many is not None and records:
+        return _send_many(factory, records, many)
     result = RelayResult()
     published: list[int] = []
     for record_id, task_name, payload, queue in records:
@@ -162,20 +254,22 @@ def _send(
     return result
 
 
-def _send_batch(
+def _send_many(
     factory: sessionmaker[Session],
-    records: list[tuple[int, str, dict[str, Any], str | None]],
-    publisher: Publisher,
-    batch: Callable[[], contextlib.AbstractContextManager[None]],
+    records: list[OutboxRow],
+    publish_many: Callable[[Sequence[Job]], None],
 ) -> RelayResult:
     """Publish ``records`` in one broker round trip (sweeps and the relay publish
     hundreds at once). All or nothing as far as we know: on a failure every record is
     left for the relay, and any the broker did take are delivered twice (harmless)."""
     ids = [r[0] for r in records]
     try:
-        with batch():
-            for _record_id, task_name, payload, queue in records:
-                publisher(task_name, payload["kwargs"], payload["task_id"], queue)
+        publish_many(
+            [
+                (task_name, payload["kwargs"], payload["task_id"], queue)
+                for _, task_name, payload, queue in records
+            ]
+        )
     except Exception as exc:  # the broker refused or is down: keep them for the relay
         _mark(factory, ids, claimed_until=None, last_error=redact_text(str(exc))[:500])
         return RelayResult(published=0, failed=len(ids))
@@ -275,8 +369,6 @@ def backlog(db: Session) -> tuple[int, float | None]:
 
 
 PublisherFactory = Callable[[], Publisher]
-
-OutboxRow = tuple[int, str, dict[str, Any], str | None]
 
 
 class BackgroundPublisher:
