@@ -40,6 +40,8 @@ def scrape(client: TestClient) -> Samples:
 def test_numbers_come_from_the_database(client: TestClient, caller: Caller) -> None:
     sql_exec("DELETE FROM sweep_runs")
     ids = [create(client, caller)["session"]["id"] for _ in range(4)]
+    # Their provision jobs are published by the process's publisher thread.
+    assert client.app.state.background_publisher.flush(timeout=30)  # type: ignore[attr-defined]
     lease = get_settings().lease_seconds
     now = datetime.now(UTC)
     # active with a live lease taken 40 s ago; failed; active with an expired lease; one

@@ -74,3 +74,65 @@ def test_without_the_fast_path_publish_many_still_sends_every_job(
         [("lifecycle.start", {"session_id": i, "run_id": i, "version": 1}, i, None) for i in ids]
     )
     assert [m["headers"]["id"] for m in _drain(redis_client, DEFAULT_QUEUE)] == ids
+
+
+def _outbox_rows(n: int) -> list[tuple[int, str, dict[str, Any], str | None]]:
+    """``n`` committed, claimed outbox rows, as the API writes them."""
+    from worker.db.engine import get_sessionmaker
+    from worker.services import outbox
+
+    with get_sessionmaker().begin() as db:
+        records = [
+            outbox.add(
+                db, "lifecycle.start", {"session_id": str(i), "run_id": str(i), "version": 1}
+            )
+            for i in range(n)
+        ]
+        db.flush()
+        return [(r.id, r.task_name, r.payload, r.queue) for r in records]
+
+
+def test_background_publisher_publishes_and_marks_every_submitted_row(
+    db_clean: dict[str, str], redis_client: Any
+) -> None:
+    from tests.integration.conftest import sql
+    from worker.db.engine import get_sessionmaker
+    from worker.services.outbox import BackgroundPublisher
+
+    settings = Settings(broker_url=db_clean["broker_url"])
+    background = BackgroundPublisher(get_sessionmaker, CeleryPublisher(create_celery(settings)))
+    rows = _outbox_rows(25)
+    for row in rows:  # one at a time, as requests hand them over
+        background.submit([row])
+    assert background.flush(timeout=30)
+    published = sql(
+        "SELECT id FROM outbox WHERE published_at IS NOT NULL AND claimed_until IS NULL"
+    )
+    assert sorted(r.id for r in published) == sorted(r[0] for r in rows)
+    queued = _drain(redis_client, DEFAULT_QUEUE)
+    assert sorted(m["headers"]["id"] for m in queued) == sorted(r[2]["task_id"] for r in rows)
+    background.close()
+
+
+def test_background_publisher_releases_rows_the_broker_refused(
+    db_clean: dict[str, str], redis_client: Any
+) -> None:
+    """Refused rows are released at once (claim cleared, error kept) for the relay."""
+    from tests.integration.conftest import sql
+    from worker.db.engine import get_sessionmaker
+    from worker.services.outbox import BackgroundPublisher
+
+    def refuse(task: str, kwargs: dict[str, Any], task_id: str, queue: str | None) -> None:
+        raise ConnectionError("broker down")
+
+    background = BackgroundPublisher(get_sessionmaker, refuse)
+    rows = _outbox_rows(3)
+    background.submit(rows)
+    assert background.flush(timeout=30)
+    got = sql("SELECT id, published_at, claimed_until, last_error FROM outbox ORDER BY id")
+    # One failure stops the batch: the first row is released with the error, the rest
+    # stay claimed until their claim runs out, then the relay takes them all.
+    assert got[0].published_at is None and got[0].claimed_until is None
+    assert "broker down" in got[0].last_error
+    assert all(r.published_at is None for r in got)
+    background.close()

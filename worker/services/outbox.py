@@ -231,13 +231,36 @@ def _mark(factory: sessionmaker[Session], ids: list[int], **values: Any) -> None
 
 def _send(
     factory: sessionmaker[Session],
-    records: Iterable[tuple[int, str, dict[str, Any], str | None]],
+    records: Iterable[OutboxRow],
     publisher: Publisher,
 ) -> RelayResult:
-    records = list(records)
+    """Publish ``records`` and mark them published (or, on a failure, released)."""
+    published, result = _publish_records(factory, list(records), publisher)
+    _mark(factory, published, published_at=func.now(), claimed_until=None)
+    return result
+
+
+def _publish_records(
+    factory: sessionmaker[Session], records: list[OutboxRow], publisher: Publisher
+) -> tuple[list[int], RelayResult]:
+    """Publish ``records``; the ids the broker took (still to be marked published), and
+    the counts. Records it refused are released at once for the relay, with the error.
+    In one broker round trip when the publisher can: all or nothing as far as we know,
+    and any the broker did take before a failure are delivered twice (harmless)."""
     many = getattr(publisher, "publish_many", None)
     if many is not None and records:
-        return _send_many(factory, records, many)
+        ids = [r[0] for r in records]
+        try:
+            many(
+                [
+                    (task, payload["kwargs"], payload["task_id"], q)
+                    for _, task, payload, q in records
+                ]
+            )
+        except Exception as exc:  # the broker refused or is down: keep them for the relay
+            _mark(factory, ids, claimed_until=None, last_error=redact_text(str(exc))[:500])
+            return [], RelayResult(published=0, failed=len(ids))
+        return ids, RelayResult(published=len(ids))
     result = RelayResult()
     published: list[int] = []
     for record_id, task_name, payload, queue in records:
@@ -250,31 +273,7 @@ def _send(
             break
         published.append(record_id)
     result.published = len(published)
-    _mark(factory, published, published_at=func.now(), claimed_until=None)
-    return result
-
-
-def _send_many(
-    factory: sessionmaker[Session],
-    records: list[OutboxRow],
-    publish_many: Callable[[Sequence[Job]], None],
-) -> RelayResult:
-    """Publish ``records`` in one broker round trip (sweeps and the relay publish
-    hundreds at once). All or nothing as far as we know: on a failure every record is
-    left for the relay, and any the broker did take are delivered twice (harmless)."""
-    ids = [r[0] for r in records]
-    try:
-        publish_many(
-            [
-                (task_name, payload["kwargs"], payload["task_id"], queue)
-                for _, task_name, payload, queue in records
-            ]
-        )
-    except Exception as exc:  # the broker refused or is down: keep them for the relay
-        _mark(factory, ids, claimed_until=None, last_error=redact_text(str(exc))[:500])
-        return RelayResult(published=0, failed=len(ids))
-    _mark(factory, ids, published_at=func.now(), claimed_until=None)
-    return RelayResult(published=len(ids))
+    return published, result
 
 
 def publish_now(
@@ -381,6 +380,9 @@ class BackgroundPublisher:
     process dies first: the rows stay in the outbox, claimed for ``CLAIM_SECONDS``, and
     the relay publishes them after that."""
 
+    MARK_DELAY = 0.05  # seconds a published row may wait to be marked
+    MARK_MAX = 500
+
     def __init__(
         self,
         factory: Callable[[], sessionmaker[Session]],
@@ -398,6 +400,7 @@ class BackgroundPublisher:
         self._thread: threading.Thread | None = None
         self._submitted = 0
         self._handled = 0
+        self._flushing = 0  # callers waiting in flush(): mark without delay
 
     def submit(self, rows: Iterable[OutboxRow]) -> None:
         rows = list(rows)
@@ -414,11 +417,15 @@ class BackgroundPublisher:
         deadline = time.monotonic() + timeout
         with self._lock:
             target = self._submitted
-            while self._handled < target and self._pid == os.getpid():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._done.wait(left)
+            self._flushing += 1
+            try:
+                while self._handled < target and self._pid == os.getpid():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._done.wait(left)
+            finally:
+                self._flushing -= 1
         return True
 
     def close(self, timeout: float = 10.0) -> None:
@@ -446,13 +453,22 @@ class BackgroundPublisher:
             self._thread.start()
 
     def _run(self, q: queue_mod.SimpleQueue[OutboxRow | None]) -> None:
+        # Published rows are marked in one UPDATE per MARK_DELAY (or per MARK_MAX rows)
+        # rather than per batch: under load a batch is a row or two, and the mark's own
+        # transaction cost more than the publish. A mark that never happens (the process
+        # died) only means the relay publishes the row again after its claim: a
+        # duplicate delivery, which runs skip.
+        unmarked: list[int] = []
+        mark_at = 0.0
         while True:
-            first = q.get()
-            if first is None:
-                return
-            rows = [first]
-            stop = False
-            while len(rows) < self._max_batch:
+            timeout = max(0.0, mark_at - time.monotonic()) if unmarked else None
+            try:
+                first = q.get(timeout=timeout)
+                stop = first is None
+            except queue_mod.Empty:  # time to mark what was published
+                first, stop = None, False
+            rows = [first] if first is not None else []
+            while rows and len(rows) < self._max_batch:
                 try:
                     item = q.get_nowait()
                 except queue_mod.Empty:
@@ -461,13 +477,33 @@ class BackgroundPublisher:
                     stop = True
                     break
                 rows.append(item)
-            try:
-                _send(self._factory(), sorted(rows, key=lambda r: r[0]), self._publisher)
-            except Exception as exc:  # the rows stay claimed; the relay publishes them later
-                log.warning("outbox.background_publish_failed", error=type(exc).__name__)
-            finally:
-                with self._lock:
-                    self._handled += len(rows)
-                    self._done.notify_all()
+            if rows:
+                try:
+                    factory = self._factory()
+                    done, _ = _publish_records(
+                        factory, sorted(rows, key=lambda r: r[0]), self._publisher
+                    )
+                    if done and not unmarked:
+                        mark_at = time.monotonic() + self.MARK_DELAY
+                    unmarked += done
+                    if len(done) < len(rows):  # the rest were released for the relay
+                        self._handled_add(len(rows) - len(done))
+                except Exception as exc:  # the rows stay claimed; the relay publishes them
+                    log.warning("outbox.background_publish_failed", error=type(exc).__name__)
+                    self._handled_add(len(rows))
+            if unmarked and (
+                stop
+                or len(unmarked) >= self.MARK_MAX
+                or time.monotonic() >= mark_at
+                or self._flushing
+            ):
+                _mark(self._factory(), unmarked, published_at=func.now(), claimed_until=None)
+                self._handled_add(len(unmarked))
+                unmarked = []
             if stop:
                 return
+
+    def _handled_add(self, n: int) -> None:
+        with self._lock:
+            self._handled += n
+            self._done.notify_all()
