@@ -58,16 +58,18 @@ def service() -> LifecycleService:
 
 
 def _run(task: Task, kind: RunKind, session_id: str, run_id: str, version: int) -> dict[str, Any]:
-    task_id = task.request.id
+    request = task.request
+    task_id = request.id
+    svc = service()
     with structlog.contextvars.bound_contextvars(
         session_id=session_id, run_id=run_id, task_id=task_id, kind=kind.value, version=version
     ):
         try:
-            outcome = service().execute(kind, session_id, run_id, version, task_id=task_id)
+            outcome = svc.execute(kind, session_id, run_id, version, task_id=task_id)
         except (OperationalError, InterfaceError, PoolTimeout) as exc:
             # The database is unreachable: nothing was recorded, so try the same delivery
             # again later (the claim makes a repeat harmless).
-            delay = service().backoff(task.request.retries + 1, None)
+            delay = svc.backoff(request.retries + 1, None)
             log.warning("lifecycle.database_unavailable", error=type(exc).__name__, retry_in=delay)
             raise task.retry(countdown=delay, max_retries=None) from None
         log.info(
@@ -76,7 +78,7 @@ def _run(task: Task, kind: RunKind, session_id: str, run_id: str, version: int) 
             reason=outcome.reason or None,
             from_version=outcome.from_version,
             to_version=outcome.to_version,
-            attempt=task.request.retries + 1,
+            attempt=request.retries + 1,
             duration_ms=round(outcome.duration * 1000, 1),
         )
         if outcome.status == "retry":

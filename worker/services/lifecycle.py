@@ -11,19 +11,35 @@ provider (network or git) call:
    transaction the next run (a chained start, or a pending kick) is put in the outbox.
 
 A delivery whose version is stale or whose run no longer owns the lease does nothing.
+
+The hot path is plain SQL, each transaction a single round trip, on one pooled
+connection in autocommit that a worker keeps between its transactions and deliveries
+(see :class:`_Connection`): the claim is one statement (lock the run, take the lease
+under every guard, mark the run running); the record is one statement (write the
+outcome, finish the run, or end it abandoned when the lease was lost; for a provision
+also insert the chained start and its job), pipelined in one transaction with the
+dispatch of a pending run. Provider work sees the claimed row as a :class:`SessionView`.
+The rare paths (a claim that finds the session not eligible, a transient failure) run
+in ORM transactions of their own, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import random
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal, cast
 
-from sqlalchemy import ColumnElement, and_, case, exists, func, not_, or_, select, update
+import psycopg
+from sqlalchemy import ColumnElement, Connection, Engine, exists, func, not_, or_
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.config import Settings
@@ -34,11 +50,17 @@ from worker.providers.base import PermanentProviderError, TransientProviderError
 from worker.providers.registry import Providers
 from worker.routing import host_queue
 from worker.services import outbox, runs
+from worker.services.runs import JobRow
 
 log = get_logger(__name__)
 
 S = SessionRecord
 ACTIVE = LifecycleState.ACTIVE.value
+
+#: A delivery keeps its connection between its transactions unless it sat idle longer
+#: than this (a long provider call): then it checks one out again, so the pool's
+#: pre-ping replaces a connection the server dropped meanwhile.
+CONNECTION_REUSE_SECONDS = 1.0
 
 
 @dataclass
@@ -50,14 +72,154 @@ class Outcome:
     retry_in: float | None = None
     from_version: int | None = None
     to_version: int | None = None
-    jobs: list[OutboxRecord] = field(default_factory=list)
+    jobs: list[JobRow] = field(default_factory=list)
     duration: float = 0.0
+
+
+@dataclass(slots=True)
+class SessionView:
+    """The columns of a claimed session that its run reads (``SessionRecord``'s names),
+    as the claim returned them (after taking the lease)."""
+
+    id: uuid.UUID
+    lifecycle_version: int
+    lifecycle_state: str
+    sandbox_state: dict[str, Any]
+    snapshot_url: str | None
+    snapshot_created_at: datetime | None
+    repo_owner: str | None
+    repo_name: str | None
+    branch: str | None
+    clone_url: str | None
+
+
+@dataclass(slots=True)
+class RunView:
+    """The claimed run (``LifecycleRunRecord``'s names); ``attempts`` counts this one."""
+
+    id: uuid.UUID
+    kind: str
+    trigger: str
+    attempts: int
+
+
+class _Connection:
+    """The pooled connection a worker runs its deliveries' statements on, in autocommit:
+    every hot-path transaction is one statement (one round trip), or a few statements
+    sent together in one pipeline between an explicit ``BEGIN`` and ``COMMIT`` (still one
+    round trip; under READ COMMITTED each statement sees what committed before it ran).
+
+    Checked out from the engine's pool and kept between transactions (and deliveries),
+    except after an idle spell longer than ``CONNECTION_REUSE_SECONDS`` (a provider
+    call, a quiet worker): then it goes back to the pool and a fresh one is checked out,
+    pre-pinged by the pool. Never left inside a transaction. Driver errors are raised as
+    SQLAlchemy's (``OperationalError`` …), a broken connection is invalidated."""
+
+    __slots__ = ("_engine", "_pg", "_pid", "_sa", "_used")
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._sa: Connection | None = None
+        self._pg: psycopg.Connection[Any] | None = None
+        self._used = 0.0
+        self._pid = os.getpid()
+
+    def usable(self) -> bool:
+        """Still this process's, not closed, and not idle long enough to need a fresh
+        checkout."""
+        return (
+            self._pid == os.getpid()
+            and time.monotonic() - self._used <= CONNECTION_REUSE_SECONDS
+            and (self._pg is None or not self._pg.closed)
+            and (self._sa is None or not self._sa.invalidated)
+        )
+
+    def _checkout(self) -> psycopg.Connection[Any]:
+        if self._pg is not None and not self.usable():
+            self.close()
+        if self._pg is None:
+            sa = self._engine.connect()
+            try:
+                # Reset to the default by the pool when the connection goes back.
+                sa.execution_options(isolation_level="AUTOCOMMIT")
+                pg = sa.connection.driver_connection
+                assert isinstance(pg, psycopg.Connection)
+            except BaseException:
+                sa.close()
+                raise
+            self._sa, self._pg = sa, pg
+        return self._pg
+
+    def execute(self, sql: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
+        """One statement, committed on its own."""
+        pg = self._checkout()
+        try:
+            cur = pg.execute(sql, params)
+        except psycopg.Error as exc:
+            raise self._failed(exc) from exc
+        self._used = time.monotonic()
+        return cur
+
+    def transaction(
+        self, statements: list[tuple[str, dict[str, Any]]]
+    ) -> list[psycopg.Cursor[Any]]:
+        """``statements`` in one transaction, sent in one pipeline (one round trip); a
+        failure rolls back all of them. Returns each statement's cursor."""
+        pg = self._checkout()
+        cursors = [pg.cursor() for _ in statements]
+        try:
+            with pg.pipeline():
+                pg.execute("BEGIN")
+                for cur, (sql, params) in zip(cursors, statements, strict=True):
+                    cur.execute(sql, params)
+                pg.execute("COMMIT")
+        except psycopg.Error as exc:
+            raise self._failed(exc) from exc
+        self._used = time.monotonic()
+        return cursors
+
+    @contextlib.contextmanager
+    def orm(self) -> Iterator[sessionmaker[Session]]:
+        """ORM sessions on this connection, with ordinary transactions (the engine's
+        default isolation) for the duration: for a synchronous caller (the outbox marking
+        rows published), which then needs no pool checkout or ping."""
+        self._checkout()
+        sa = self._sa
+        assert sa is not None
+        sa.execution_options(isolation_level=self._engine.dialect.default_isolation_level)
+        try:
+            yield sessionmaker(bind=sa, expire_on_commit=False)
+        finally:
+            try:
+                sa.execution_options(isolation_level="AUTOCOMMIT")
+            except Exception:  # left inside a transaction, or broken: drop it
+                self.close()
+
+    def _failed(self, exc: psycopg.Error) -> Exception:
+        """Drop the connection (invalidated when broken; any open transaction is rolled
+        back by the pool) and return the error as SQLAlchemy raises it."""
+        dialect = self._engine.dialect
+        broken = dialect.is_disconnect(cast(Any, exc), cast(Any, self._pg), None)
+        if broken and self._sa is not None:
+            with contextlib.suppress(Exception):
+                self._sa.invalidate(exc)
+        self.close()
+        return sa_exc.DBAPIError.instance(
+            None, None, exc, psycopg.Error, connection_invalidated=broken, dialect=dialect
+        )
+
+    def close(self) -> None:
+        sa, self._sa, self._pg = self._sa, None, None
+        if sa is not None and self._pid == os.getpid():  # never a parent's, after a fork
+            with contextlib.suppress(Exception):  # a broken one is invalidated by the pool
+                sa.close()
 
 
 @dataclass
 class Claim:
-    session: SessionRecord
-    run: LifecycleRunRecord
+    session: SessionView
+    run: RunView
+    db: _Connection
 
 
 class Skip(Exception):
@@ -91,37 +253,208 @@ def hibernate_due(settings: Settings) -> ColumnElement[bool]:
     )
 
 
-def _eligibility(kind: RunKind, trigger: str, settings: Settings) -> ColumnElement[bool]:
-    """The condition, re-checked inside the claim, under which a run of ``kind`` may go."""
-    not_archived = S.lifecycle_state != LifecycleState.ARCHIVED.value
-    if kind is RunKind.PROVISION:
-        return not_archived
-    if kind is RunKind.START:
-        return and_(not_archived, S.status != "archived", S.provisioned_at.is_not(None))
-    if kind is RunKind.HIBERNATE:
-        cond = and_(S.lifecycle_state == ACTIVE, no_active_stream())
-        if trigger == "sweep":
-            cond = and_(cond, hibernate_due(settings))
-        return cond
-    if kind in (RunKind.SNAPSHOT, RunKind.DIFF):
-        return S.lifecycle_state == ACTIVE
-    # ARCHIVE: only while archiving is still wanted (an un-archive withdraws it).
-    return and_(not_archived, S.status == "archived")
+# ----------------------------------------------------------------- the claim statement
+_NOT_ARCHIVED = "s.lifecycle_state <> 'archived'"
+_NO_ACTIVE_STREAM = (
+    "NOT EXISTS (SELECT 1 FROM chats c"
+    " WHERE c.session_id = s.id AND c.active_stream_id IS NOT NULL)"
+)
+# hibernate_due(): now >= min(hibernateAfter, sandboxExpiresAt - guard).
+_DUE = "(s.hibernate_after <= now() OR s.sandbox_expires_at - %(guard)s <= now())"
+
+#: The condition, re-checked inside the claim, under which a run of each kind may go.
+ELIGIBILITY: dict[RunKind, str] = {
+    RunKind.PROVISION: _NOT_ARCHIVED,
+    RunKind.START: f"{_NOT_ARCHIVED} AND s.status <> 'archived' AND s.provisioned_at IS NOT NULL",
+    # Hibernation never while a chat streams; a sweep's run also only while still due.
+    RunKind.HIBERNATE: (
+        f"s.lifecycle_state = 'active' AND {_NO_ACTIVE_STREAM}"
+        f" AND ((SELECT trigger FROM run) <> 'sweep' OR {_DUE})"
+    ),
+    RunKind.SNAPSHOT: "s.lifecycle_state = 'active'",
+    RunKind.DIFF: "s.lifecycle_state = 'active'",
+    # Only while archiving is still wanted (an un-archive withdraws it).
+    RunKind.ARCHIVE: f"{_NOT_ARCHIVED} AND s.status = 'archived'",
+}
+
+#: The state the session shows while the run holds its lease.
+CLAIM_STATE: dict[RunKind, str] = {
+    RunKind.PROVISION: "'provisioning'",
+    # A start restores when there is a snapshot to restore; else it clones afresh.
+    RunKind.START: "CASE WHEN s.snapshot_url IS NOT NULL THEN 'restoring' ELSE 'provisioning' END",
+    RunKind.HIBERNATE: "'hibernating'",
+    RunKind.SNAPSHOT: "s.lifecycle_state",
+    RunKind.DIFF: "s.lifecycle_state",
+    RunKind.ARCHIVE: "s.lifecycle_state",
+}
+
+_VIEW_COLUMNS = (
+    "id, lifecycle_version, lifecycle_state, sandbox_state, snapshot_url, snapshot_created_at,"
+    " repo_owner, repo_name, branch, clone_url"
+)
 
 
-def _claim_state(kind: RunKind) -> Any:
-    """The state the session shows while the run holds its lease."""
-    if kind is RunKind.PROVISION:
-        return LifecycleState.PROVISIONING.value
-    if kind is RunKind.START:
-        # A start restores when there is a snapshot to restore; else it clones afresh.
-        return case(
-            (S.snapshot_url.is_not(None), LifecycleState.RESTORING.value),
-            else_=LifecycleState.PROVISIONING.value,
-        )
-    if kind is RunKind.HIBERNATE:
-        return LifecycleState.HIBERNATING.value
-    return S.lifecycle_state
+def _claim_sql(kind: RunKind) -> str:
+    """Lock the run; if it is still open, take the session's lease under every guard
+    and mark the run running — one statement. Returns one row when the run exists:
+    the run's state, kind and trigger, the claimed session's columns (NULL when the
+    guards failed) and the run's attempts after this one."""
+    return f"""
+WITH run AS (
+    SELECT state, kind, trigger FROM lifecycle_runs
+    WHERE id = %(rid)s AND session_id = %(sid)s
+    FOR UPDATE
+), claimed AS (
+    UPDATE sessions AS s SET
+        lifecycle_run_id = %(rid)s,
+        lease_expires_at = now() + %(lease)s,
+        lifecycle_state = {CLAIM_STATE[kind]},
+        updated_at = now()
+    WHERE s.id = %(sid)s
+        AND s.lifecycle_version = %(version)s
+        AND (s.lifecycle_run_id IS NULL OR s.lease_expires_at < now())
+        AND EXISTS (SELECT 1 FROM run WHERE run.state IN ('queued', 'running'))
+        AND {ELIGIBILITY[kind]}
+    RETURNING {_VIEW_COLUMNS}
+), started AS (
+    UPDATE lifecycle_runs SET
+        state = 'running',
+        attempts = attempts + 1,
+        task_id = %(task_id)s,
+        from_version = %(version)s,
+        started_at = coalesce(started_at, %(now)s),
+        updated_at = %(now)s
+    WHERE id = %(rid)s AND EXISTS (SELECT 1 FROM claimed)
+    RETURNING attempts
+)
+SELECT run.state, run.kind, run.trigger, started.attempts,
+    claimed.{_VIEW_COLUMNS.replace(", ", ", claimed.")}
+FROM run LEFT JOIN claimed ON true LEFT JOIN started ON true
+"""
+
+
+_CLAIM_SQL = {kind: _claim_sql(kind) for kind in RunKind}
+
+# ----------------------------------------------------------------- the record statement
+# Columns a run's outcome may write, and which of them are JSON.
+_RECORDABLE = frozenset(c.name for c in SessionRecord.__table__.columns) - {
+    "id",
+    "lifecycle_version",
+    "lifecycle_run_id",
+    "lease_expires_at",
+    "updated_at",
+}
+_JSON_COLUMNS = frozenset({"sandbox_state", "cached_diff", "global_skill_refs"})
+
+
+def _assignments(values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``SET`` assignments (``col = %(v_col)s``) and their parameters for ``values``."""
+    params: dict[str, Any] = {}
+    sets = []
+    for col, value in values.items():
+        if col not in _RECORDABLE:
+            raise ValueError(f"not a recordable session column: {col!r}")
+        if col in _JSON_COLUMNS:
+            sets.append(f"{col} = %(v_{col})s::jsonb")
+            params[f"v_{col}"] = None if value is None else json.dumps(value)
+        else:
+            sets.append(f"{col} = %(v_{col})s")
+            params[f"v_{col}"] = value
+    return ", ".join(sets), params
+
+
+def _record_sql(assignments: str, chain: bool) -> str:
+    """Write the outcome under the lease guard (bumping the version by 1, releasing the
+    lease) and finish the run — one statement, returning the new version (no row when
+    the lease was lost: then the run ends abandoned). With ``chain`` also the chained
+    run, queued against the new version, and its job in the outbox (returning the job's
+    id)."""
+    chained = (
+        f""", chained AS (
+    INSERT INTO lifecycle_runs (id, session_id, kind, trigger, state, attempts,
+        issued_version, created_at, updated_at)
+    SELECT %(next_id)s, %(sid)s, %(next_kind)s, 'chain', 'queued', 0,
+        done.lifecycle_version, %(now)s, %(now)s
+    FROM done
+), job AS (
+    INSERT INTO outbox {runs.JOB_COLUMNS}
+    SELECT {runs.JOB_VALUES} FROM done
+    RETURNING id
+)"""
+        if chain
+        else ""
+    )
+    return f"""
+WITH done AS (
+    UPDATE sessions SET {assignments},
+        lifecycle_version = lifecycle_version + 1,
+        lifecycle_run_id = NULL,
+        lease_expires_at = NULL,
+        updated_at = now()
+    WHERE id = %(sid)s AND lifecycle_run_id = %(rid)s AND lifecycle_version = %(version)s
+    RETURNING lifecycle_version
+), finished AS (
+    UPDATE lifecycle_runs SET
+        state = %(run_state)s,
+        error = %(error)s,
+        to_version = done.lifecycle_version,
+        finished_at = %(now)s,
+        updated_at = %(now)s
+    FROM done
+    WHERE lifecycle_runs.id = %(rid)s
+), abandoned AS (
+    -- The lease was lost: the run ends abandoned (if it still shows running).
+    UPDATE lifecycle_runs SET
+        state = 'abandoned',
+        error = 'lease lost before recording',
+        to_version = NULL,
+        finished_at = %(now)s,
+        updated_at = %(now)s
+    WHERE id = %(rid)s AND state = 'running' AND NOT EXISTS (SELECT 1 FROM done)
+){chained}
+SELECT done.lifecycle_version{", (SELECT id FROM job)" if chain else ""} FROM done
+"""
+
+
+_record_sql_cache: dict[tuple[str, bool], str] = {}
+
+
+def _record_statement(assignments: str, chain: bool) -> str:
+    key = (assignments, chain)
+    sql = _record_sql_cache.get(key)
+    if sql is None:
+        sql = _record_sql_cache[key] = _record_sql(assignments, chain)
+    return sql
+
+
+_CHECKPOINT_SQL = (
+    "UPDATE sessions SET {}, updated_at = now() WHERE id = %(sid)s AND lifecycle_run_id = %(rid)s"
+)
+
+# A run that lost its lease before its retry ends abandoned (if it still shows running).
+_ABANDON_SQL = """
+UPDATE lifecycle_runs SET state = 'abandoned', error = %(error)s, to_version = NULL,
+    finished_at = %(now)s, updated_at = %(now)s
+WHERE id = %(rid)s AND state = 'running'
+"""
+
+# A transient failure: release the lease, showing the state from before the claim ...
+_RELEASE_SQL = """
+UPDATE sessions SET lifecycle_run_id = NULL, lease_expires_at = NULL,
+    lifecycle_state = %(state)s, updated_at = now()
+WHERE id = %(sid)s AND lifecycle_run_id = %(rid)s
+"""
+# ... and keep the run queued for the retry.
+_REQUEUE_SQL = """
+UPDATE lifecycle_runs SET state = 'queued', error = %(error)s, updated_at = %(now)s
+WHERE id = %(rid)s
+"""
+
+_UNRECORDED_RUNS_SQL = """
+SELECT id FROM lifecycle_runs
+WHERE session_id = %(sid)s AND kind = ANY(%(kinds)s) AND state = ANY(%(ended)s)
+    AND from_version IS NOT NULL
+"""
 
 
 class LifecycleService:
@@ -141,6 +474,33 @@ class LifecycleService:
         self.providers = providers
         self.publisher = publisher
         self.queue = hostname_queue or host_queue()
+        # Deliveries run on the factory's engine directly (see _Connection).
+        bind = getattr(factory, "kw", {}).get("bind")
+        self.engine: Engine | None = bind if isinstance(bind, Engine) else None
+        self._lease = timedelta(seconds=settings.lease_seconds)
+        self._guard = timedelta(seconds=settings.hibernate_guard_seconds)
+        # The connection the last delivery used, for the next one (see _Connection).
+        self._spare: _Connection | None = None
+        self._spare_lock = threading.Lock()
+
+    def _connection(self) -> _Connection:
+        with self._spare_lock:
+            db, self._spare = self._spare, None
+        if db is not None and db.usable():
+            return db
+        if db is not None:
+            db.close()
+        if self.engine is None:
+            raise TypeError("the session factory must be bound to an Engine")
+        return _Connection(self.engine)
+
+    def _release(self, db: _Connection) -> None:
+        kept = False
+        with self._spare_lock:
+            if self._spare is None and db.usable():
+                self._spare, kept = db, True
+        if not kept:
+            db.close()
 
     # ----------------------------------------------------------------- entry point
     def execute(
@@ -156,81 +516,88 @@ class LifecycleService:
         outcome says whether the caller should retry (and when)."""
         started = time.monotonic()
         sid, rid = uuid.UUID(session_id), uuid.UUID(run_id)
+        db = self._connection()
         try:
-            claim = self._claim(kind, sid, rid, version, task_id)
-        except Skip as skip:
-            return Outcome("skipped", reason=str(skip), from_version=version)
-        if claim is None:
-            return Outcome("skipped", reason="duplicate delivery", from_version=version)
-        try:
-            changes = self._work(kind, claim)
-        except PermanentProviderError as exc:
-            outcome = self._fail(claim, redact_text(str(exc)))
-        except TransientProviderError as exc:
-            outcome = self._transient(claim, redact_text(str(exc)), exc.retry_after)
-        except Exception as exc:  # a bug or an unmapped error: retry a few times, then fail
-            log.exception("lifecycle.unexpected_error", kind=kind.value)
-            outcome = self._transient(claim, f"internal error: {type(exc).__name__}", None)
-        else:
-            outcome = self._succeed(kind, claim, changes)
-        outcome.duration = time.monotonic() - started
-        self._publish(outcome.jobs)
+            try:
+                claim = self._claim(db, kind, sid, rid, version, task_id)
+            except Skip as skip:
+                return Outcome("skipped", reason=str(skip), from_version=version)
+            if claim is None:
+                return Outcome("skipped", reason="duplicate delivery", from_version=version)
+            try:
+                changes = self._work(kind, claim)
+            except PermanentProviderError as exc:
+                outcome = self._fail(claim, redact_text(str(exc)))
+            except TransientProviderError as exc:
+                outcome = self._transient(claim, redact_text(str(exc)), exc.retry_after)
+            except Exception as exc:  # a bug or an unmapped error: retry a few times, then fail
+                log.exception("lifecycle.unexpected_error", kind=kind.value)
+                outcome = self._transient(claim, f"internal error: {type(exc).__name__}", None)
+            else:
+                outcome = self._succeed(kind, claim, changes)
+            outcome.duration = time.monotonic() - started
+            self._publish_rows(outcome.jobs, db)
+        finally:
+            self._release(db)
         return outcome
 
     # ----------------------------------------------------------------- claim
     def _claim(
-        self, kind: RunKind, sid: uuid.UUID, rid: uuid.UUID, version: int, task_id: str | None
+        self,
+        db: _Connection,
+        kind: RunKind,
+        sid: uuid.UUID,
+        rid: uuid.UUID,
+        version: int,
+        task_id: str | None,
     ) -> Claim | None:
-        lease = timedelta(seconds=self.settings.lease_seconds)
-        with self.factory.begin() as db:
-            run = db.scalars(
-                select(LifecycleRunRecord)
-                .where(LifecycleRunRecord.id == rid, LifecycleRunRecord.session_id == sid)
-                .with_for_update()
-            ).first()
-            if run is None:
-                return None
-            if run.state not in (RunState.QUEUED.value, RunState.RUNNING.value):
-                return None  # already finished (or never dispatched): a duplicate delivery
-            row = db.execute(
-                update(SessionRecord)
-                .where(
-                    S.id == sid,
-                    S.lifecycle_version == version,
-                    or_(S.lifecycle_run_id.is_(None), S.lease_expires_at < func.now()),
-                    _eligibility(kind, run.trigger, self.settings),
-                )
-                .values(
-                    lifecycle_run_id=rid,
-                    lease_expires_at=func.now() + lease,
-                    lifecycle_state=_claim_state(kind),
-                    updated_at=func.now(),
-                )
-                .returning(SessionRecord)
-                .execution_options(synchronize_session=False)
-            ).scalar_one_or_none()
-            if row is None:
-                current = db.get(SessionRecord, sid)
-                reason = self._why_not(kind, run, current, version)
-                if reason is None:
-                    return None  # someone holds a live lease (maybe this run): not ours to end
-                self._finish_run(db, run, RunState.SKIPPED, error=reason, to_version=None)
-                if current is not None and current.lifecycle_run_id is None:
-                    jobs = runs.dispatch_next(db, current)
-                else:
-                    jobs = []
-                db.flush()
-                skipped_jobs = jobs
+        params = {
+            "sid": sid,
+            "rid": rid,
+            "version": version,
+            "task_id": task_id,
+            "lease": self._lease,
+            "now": datetime.now(UTC),
+        }
+        if kind is RunKind.HIBERNATE:
+            params["guard"] = self._guard
+        claim = self._claimed(db.execute(_CLAIM_SQL[kind], params).fetchone(), rid, db)
+        if claim is not False:
+            return claim
+        # Open but not claimed. As one transaction: lock the run and try again (things
+        # may have moved since), and if the session is still not ours say why.
+        with self.factory.begin() as orm:
+            row = orm.connection().exec_driver_sql(_CLAIM_SQL[kind], params).first()
+            claim = self._claimed(row, rid, db)
+            if claim is not False:
+                return claim
+            run = orm.get(LifecycleRunRecord, rid)  # locked by the statement
+            assert run is not None
+            current = orm.get(SessionRecord, sid)
+            reason = self._why_not(kind, run, current, version)
+            if reason is None:
+                return None  # someone holds a live lease (maybe this run): not ours to end
+            self._finish_run(orm, run, RunState.SKIPPED, error=reason, to_version=None)
+            if current is not None and current.lifecycle_run_id is None:
+                jobs = runs.dispatch_next(orm, current)
             else:
-                run.state = RunState.RUNNING.value
-                run.attempts += 1
-                run.task_id = task_id
-                run.from_version = version
-                run.started_at = run.started_at or datetime.now(UTC)
-                run.updated_at = datetime.now(UTC)
-                return Claim(row, run)
-        self._publish(skipped_jobs)
+                jobs = []
+            orm.flush()
+        self._publish(jobs)
         raise Skip(reason)
+
+    @staticmethod
+    def _claimed(row: Any, rid: uuid.UUID, db: _Connection) -> Claim | Literal[False] | None:
+        """The claim statement's row: a Claim, None (no such run, or it is finished:
+        a duplicate delivery) or False (the run is open but the session was not taken)."""
+        if row is None:
+            return None
+        state, kind, trigger, attempts, *session = row
+        if attempts is not None:
+            return Claim(SessionView(*session), RunView(rid, kind, trigger, attempts), db)
+        if state not in (RunState.QUEUED.value, RunState.RUNNING.value):
+            return None  # already finished (or never dispatched)
+        return False
 
     def _why_not(
         self,
@@ -306,7 +673,7 @@ class LifecycleService:
         )
 
     @staticmethod
-    def _snapshot_since_start(s: SessionRecord) -> bool:
+    def _snapshot_since_start(s: SessionView) -> bool:
         started = (s.sandbox_state or {}).get("startedAt")
         if not s.snapshot_created_at or not started:
             return False
@@ -316,31 +683,29 @@ class LifecycleService:
         """Record captured work while still holding the lease (no transition, so no
         version bump); raises if the lease was lost, so nothing is stopped."""
         s = claim.session
-        with self.factory.begin() as db:
-            done = db.execute(
-                update(SessionRecord)
-                .where(S.id == s.id, S.lifecycle_run_id == claim.run.id)
-                .values(**changes, updated_at=func.now())
-                .execution_options(synchronize_session=False)
-            ).rowcount  # type: ignore[attr-defined]
+        assignments, params = _assignments(changes)
+        params.update(sid=s.id, rid=claim.run.id)
+        done = claim.db.execute(_CHECKPOINT_SQL.format(assignments), params).rowcount
         if not done:
             raise TransientProviderError("lease lost while saving the snapshot")
-        self._drop_superseded(s.id, s.snapshot_url, changes.get("snapshot_url"))
+        self._drop_superseded(claim.db, s.id, s.snapshot_url, changes.get("snapshot_url"))
         # From here on the checkpointed snapshot is the session's; don't delete it again.
         s.snapshot_url = changes.get("snapshot_url", s.snapshot_url)
 
-    def _drop_superseded(self, session_id: uuid.UUID, old: str | None, new: str | None) -> None:
+    def _drop_superseded(
+        self, db: _Connection, session_id: uuid.UUID, old: str | None, new: str | None
+    ) -> None:
         """After ``new`` was committed as the session's snapshot: delete the one it
         replaces, and any file an abandoned run of the session saved but never recorded."""
         if not new or old == new:
             return
         try:
-            for url in ([old] if old else []) + self._unrecorded_snapshots(session_id, new):
+            for url in ([old] if old else []) + self._unrecorded_snapshots(db, session_id, new):
                 self.providers.snapshots.delete(url)
         except Exception:  # a leftover file is harmless
             log.warning("lifecycle.old_snapshot_delete_failed")
 
-    def _unrecorded_snapshots(self, session_id: uuid.UUID, keep: str) -> list[str]:
+    def _unrecorded_snapshots(self, db: _Connection, session_id: uuid.UUID, keep: str) -> list[str]:
         """Snapshots that earlier runs of the session may have saved without recording
         them: runs that held the lease and then ended without succeeding (a killed worker,
         a database outage between the save and its checkpoint). The re-driven run saved
@@ -348,25 +713,22 @@ class LifecycleService:
         url_for = getattr(self.providers.snapshots, "url_for", None)
         if url_for is None:
             return []
-        ended = (RunState.ABANDONED.value, RunState.SKIPPED.value, RunState.FAILED.value)
-        with self.factory() as db:
-            run_ids = db.scalars(
-                select(LifecycleRunRecord.id).where(
-                    LifecycleRunRecord.session_id == session_id,
-                    LifecycleRunRecord.kind.in_(SNAPSHOT_KINDS),
-                    LifecycleRunRecord.state.in_(ended),
-                    LifecycleRunRecord.from_version.is_not(None),  # it did claim the session
-                )
-            ).all()
-        urls = [str(url_for(snapshot_key(session_id, rid))) for rid in run_ids]
+        ended = [RunState.ABANDONED.value, RunState.SKIPPED.value, RunState.FAILED.value]
+        rows = db.execute(
+            _UNRECORDED_RUNS_SQL,  # from_version is set: the run did claim the session
+            {"sid": session_id, "kinds": list(SNAPSHOT_KINDS), "ended": ended},
+        ).fetchall()
+        urls = [str(url_for(snapshot_key(session_id, rid))) for (rid,) in rows]
         return [url for url in urls if url != keep]
 
-    def _provision(self, s: SessionRecord) -> dict[str, Any]:
+    def _provision(self, s: SessionView) -> dict[str, Any]:
         assert s.repo_owner and s.repo_name and s.branch
         host = self.providers.repo_host
         repo = host.ensure_repo(s.repo_owner, s.repo_name)
         branch = host.ensure_branch(repo, s.branch)
-        log.info(
+        # Worth a line of its own when something was created (the run's outcome line
+        # follows anyway); a re-provision of existing ones only at debug level.
+        (log.info if repo.created or branch.created else log.debug)(
             "lifecycle.provisioned",
             repo_created=repo.created,
             branch_created=branch.created,
@@ -379,7 +741,7 @@ class LifecycleService:
             "lifecycle_state": LifecycleState.PROVISIONING.value,
         }
 
-    def _start(self, s: SessionRecord) -> dict[str, Any]:
+    def _start(self, s: SessionView) -> dict[str, Any]:
         name = sandbox_name(s.id)
         sandbox = self.providers.sandbox
         if s.snapshot_url:
@@ -406,11 +768,11 @@ class LifecycleService:
             "sandbox_expires_at": expires,
         }
 
-    def _resting_state(self, s: SessionRecord) -> dict[str, Any]:
+    def _resting_state(self, s: SessionView) -> dict[str, Any]:
         """What ``sandboxState`` keeps while no sandbox runs: only what resuming needs."""
         return {"type": self.providers.sandbox.kind, "sandboxName": sandbox_name(s.id)}
 
-    def _require_sandbox(self, s: SessionRecord) -> str:
+    def _require_sandbox(self, s: SessionView) -> str:
         name = sandbox_name(s.id)
         if not self.providers.sandbox.exists(name):
             raise PermanentProviderError(
@@ -419,7 +781,7 @@ class LifecycleService:
             )
         return name
 
-    def _diff(self, s: SessionRecord) -> dict[str, Any]:
+    def _diff(self, s: SessionView) -> dict[str, Any]:
         name = self._require_sandbox(s)
         diff = self.providers.diff(
             self.providers.sandbox.workdir(name), self.settings.default_branch
@@ -432,9 +794,7 @@ class LifecycleService:
             "lines_removed": int(summary["totalDeletions"]),
         }
 
-    def _capture(
-        self, s: SessionRecord, run: LifecycleRunRecord, *, with_diff: bool
-    ) -> dict[str, Any]:
+    def _capture(self, s: SessionView, run: RunView, *, with_diff: bool) -> dict[str, Any]:
         name = self._require_sandbox(s)
         changes = self._diff(s) if with_diff else {}
         # Keyed by run: a re-run of the same run overwrites the same file (one snapshot).
@@ -459,51 +819,55 @@ class LifecycleService:
     ) -> Outcome:
         s, rid = claim.session, claim.run.id
         old_snapshot = s.snapshot_url
-        with self.factory.begin() as db:
-            row = db.execute(
-                update(SessionRecord)
-                .where(
-                    S.id == s.id,
-                    S.lifecycle_run_id == rid,
-                    S.lifecycle_version == s.lifecycle_version,
-                )
-                .values(
-                    **values,
-                    lifecycle_version=S.lifecycle_version + 1,
-                    lifecycle_run_id=None,
-                    lease_expires_at=None,
-                    updated_at=func.now(),
-                )
-                .returning(SessionRecord)
-                .execution_options(synchronize_session=False)
-            ).scalar_one_or_none()
-            run = db.get(LifecycleRunRecord, rid, with_for_update=True)
-            assert run is not None
-            if row is None:
-                # The lease was lost (expired and reaped) while we worked: our result is
-                # discarded; the re-driven run does the work again (idempotently).
-                if run.state == RunState.RUNNING.value:
-                    self._finish_run(
-                        db, run, RunState.ABANDONED, error="lease lost before recording"
-                    )
-                return Outcome(
-                    "skipped",
-                    reason="lease lost before recording",
-                    from_version=s.lifecycle_version,
-                )
-            self._finish_run(db, run, run_state, error=error, to_version=row.lifecycle_version)
-            jobs: list[OutboxRecord] = []
-            if chain is not None:
-                jobs.append(runs.enqueue(db, row, runs.new_run(db, row, chain, "chain")))
-            else:
-                jobs += runs.dispatch_next(db, row)
-            db.flush()
-        self._drop_superseded(s.id, old_snapshot, values.get("snapshot_url"))
+        # Only runs write sandbox_state, and this one holds the lease: after the update
+        # it is what this run writes, else what the claim read (it routes the next job).
+        sandbox_state = values.get("sandbox_state", s.sandbox_state)
+        assignments, params = _assignments(values)
+        now = datetime.now(UTC)
+        params.update(
+            sid=s.id,
+            rid=rid,
+            version=s.lifecycle_version,
+            run_state=run_state.value,
+            error=error,
+            now=now,
+        )
+        to_version = s.lifecycle_version + 1
+        job = None
+        if chain is not None:
+            # The chained run, queued against the version this record reaches.
+            next_id = uuid.uuid4()
+            job = runs.job_for(chain, s.id, next_id, to_version, sandbox_state)
+            params.update(job.params(), next_id=next_id, next_kind=chain.value)
+        record = _record_statement(assignments, job is not None)
+        jobs: list[JobRow]
+        if job is not None:
+            row = claim.db.execute(record, params).fetchone()
+            jobs = [job.row(row[1])] if row is not None else []
+        else:
+            # A pending kick goes next, if the record was made: in its own statement, so it
+            # sees a kick committed while the record waited for the session's lock.
+            recorded, dispatched = claim.db.transaction(
+                [
+                    (record, params),
+                    runs.dispatch_next_statement(s.id, to_version, sandbox_state, rid),
+                ]
+            )
+            row = recorded.fetchone()
+            jobs = [(r[0], r[1], r[2], r[3]) for r in dispatched.fetchall()]
+        if row is None:
+            # The lease was lost (expired and reaped) while we worked: nothing was recorded
+            # and the run ended abandoned; the re-driven run does the work again.
+            return Outcome(
+                "skipped", reason="lease lost before recording", from_version=s.lifecycle_version
+            )
+        assert row[0] == to_version
+        self._drop_superseded(claim.db, s.id, old_snapshot, values.get("snapshot_url"))
         return Outcome(
             run_state.value,
             reason=error or "",
             from_version=s.lifecycle_version,
-            to_version=row.lifecycle_version,
+            to_version=to_version,
             jobs=jobs,
         )
 
@@ -528,27 +892,20 @@ class LifecycleService:
             return self._fail(claim, f"gave up after {attempts} attempts: {message}")
         # Release the lease (restoring the state shown before the claim) and keep the run
         # queued: kicks meanwhile go pending behind it, and the retry re-claims it.
-        with self.factory.begin() as db:
-            released = db.execute(
-                update(SessionRecord)
-                .where(S.id == claim.session.id, S.lifecycle_run_id == claim.run.id)
-                .values(
-                    lifecycle_run_id=None,
-                    lease_expires_at=None,
-                    lifecycle_state=self._state_before(claim),
-                    updated_at=func.now(),
-                )
-                .execution_options(synchronize_session=False)
-            ).rowcount  # type: ignore[attr-defined]
-            run = db.get(LifecycleRunRecord, claim.run.id, with_for_update=True)
-            assert run is not None
+        now = datetime.now(UTC)
+        with self.factory.begin() as orm:
+            conn = orm.connection()
+            released = conn.exec_driver_sql(
+                _RELEASE_SQL,
+                {"sid": claim.session.id, "rid": claim.run.id, "state": self._state_before(claim)},
+            ).rowcount
             if not released:
-                if run.state == RunState.RUNNING.value:
-                    self._finish_run(db, run, RunState.ABANDONED, error="lease lost before retry")
+                lost = {"rid": claim.run.id, "error": "lease lost before retry", "now": now}
+                conn.exec_driver_sql(_ABANDON_SQL, lost)
                 return Outcome("skipped", reason="lease lost before retry")
-            run.state = RunState.QUEUED.value
-            run.error = message[:2000]
-            run.updated_at = datetime.now(UTC)
+            conn.exec_driver_sql(
+                _REQUEUE_SQL, {"rid": claim.run.id, "error": message[:2000], "now": now}
+            )
         delay = self.backoff(attempts, retry_after)
         return Outcome(
             "retry", reason=message, retry_in=delay, from_version=claim.session.lifecycle_version
@@ -592,8 +949,16 @@ class LifecycleService:
         run.updated_at = now
 
     def _publish(self, jobs: list[OutboxRecord]) -> None:
+        """Publish outbox records (ORM) committed by the caller (the sweeps use it too)."""
         if jobs and self.publisher is not None:
             outbox.publish_now(self.factory, jobs, self.publisher)
+
+    def _publish_rows(self, rows: list[JobRow], db: _Connection) -> None:
+        """Publish outbox rows written with Core and committed (marking them on the
+        delivery's connection)."""
+        if rows and self.publisher is not None:
+            with db.orm() as factory:
+                outbox.publish_rows(factory, rows, self.publisher)
 
 
 ServiceFactory = Callable[[], LifecycleService]
