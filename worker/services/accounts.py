@@ -99,14 +99,18 @@ def authenticate(db: Session, key: str) -> uuid.UUID:
     """The account owning ``key``; :class:`Unauthorized` for unknown, expired or revoked keys."""
     digest = hash_key(key)
     # On the session's connection: a plain Core query skips the ORM's statement layer.
-    row = db.connection().execute(
-        select(
-            ApiKeyRecord.key_hash,
-            ApiKeyRecord.account_id,
-            ApiKeyRecord.expires_at,
-            ApiKeyRecord.revoked_at,
-        ).where(ApiKeyRecord.key_hash == digest)
-    ).first()
+    row = (
+        db.connection()
+        .execute(
+            select(
+                ApiKeyRecord.key_hash,
+                ApiKeyRecord.account_id,
+                ApiKeyRecord.expires_at,
+                ApiKeyRecord.revoked_at,
+            ).where(ApiKeyRecord.key_hash == digest)
+        )
+        .first()
+    )
     # The lookup is by hash (an index probe); compare again in constant time anyway.
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         raise Unauthorized("Unauthorized")
