@@ -6,6 +6,7 @@ The API imports this module only to publish tasks *by name*; task code lives in
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
@@ -76,6 +77,36 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
         SWEEP_REAP_RUNS: {"task": SWEEP_REAP_RUNS, "schedule": settings.reap_interval_seconds},
         SWEEP_EXPIRE_SNAPSHOTS: {"task": SWEEP_EXPIRE_SNAPSHOTS, "schedule": 24 * 3600.0},
     }
+
+
+def _survive_restore_after_connection_loss() -> None:
+    """kombu (5.7) crashes the worker when Redis drops while a task is running: closing
+    the lost connection restores the unacknowledged messages through a connection whose
+    client is already gone, the ``AttributeError`` escapes as an "Unrecoverable error",
+    and the whole worker exits. Let that restore give up instead: the messages stay in
+    Redis's unacked index and come back after the visibility timeout (a duplicate
+    delivery the run's claim skips), and the worker reconnects."""
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.QoS.restore_unacked
+    if getattr(original, "_lifecycle_patched", False):
+        return
+
+    def restore_unacked(self: Any, client: Any = None) -> Any:
+        try:
+            return original(self, client)  # type: ignore[no-untyped-call]
+        except AttributeError:
+            logging.getLogger(__name__).warning(
+                "could not restore unacknowledged messages after losing the broker; "
+                "they are redelivered after the visibility timeout"
+            )
+            return None
+
+    restore_unacked._lifecycle_patched = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
+
+
+_survive_restore_after_connection_loss()
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
