@@ -79,34 +79,36 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _survive_restore_after_connection_loss() -> None:
-    """kombu (5.7) crashes the worker when Redis drops while a task is running: closing
-    the lost connection restores the unacknowledged messages through a connection whose
-    client is already gone, the ``AttributeError`` escapes as an "Unrecoverable error",
-    and the whole worker exits. Let that restore give up instead: the messages stay in
-    Redis's unacked index and come back after the visibility timeout (a duplicate
-    delivery the run's claim skips), and the worker reconnects."""
+def _survive_broker_loss() -> None:
+    """kombu (5.7) kills the worker when Redis drops while a task runs: the lost
+    channel's transport (or its client) is already gone when kombu uses it to restore
+    the unacknowledged messages on close, or to acknowledge a task that finished after
+    the reconnect, and the ``AttributeError`` escapes as an "Unrecoverable error". Raise
+    the connection error it stands for instead, which kombu and Celery handle (log and
+    go on). The messages stay in Redis's unacked index and come back after the
+    visibility timeout: a duplicate delivery, which the run's claim skips."""
+    import redis
     from kombu.transport import redis as kombu_redis
 
-    original = kombu_redis.QoS.restore_unacked
+    original = kombu_redis.Channel._connparams
     if getattr(original, "_lifecycle_patched", False):
         return
 
-    def restore_unacked(self: Any, client: Any = None) -> Any:
-        try:
-            return original(self, client)  # type: ignore[no-untyped-call]
-        except AttributeError:
+    def _connparams(self: Any, asynchronous: bool = False) -> Any:
+        transport = getattr(self, "connection", None)
+        if transport is None or getattr(transport, "client", None) is None:
             logging.getLogger(__name__).warning(
-                "could not restore unacknowledged messages after losing the broker; "
-                "they are redelivered after the visibility timeout"
+                "a channel of a lost broker connection was used; its unacknowledged "
+                "messages are redelivered after the visibility timeout"
             )
-            return None
+            raise redis.exceptions.ConnectionError("the broker connection was closed")
+        return original(self, asynchronous=asynchronous)  # type: ignore[no-untyped-call]
 
-    restore_unacked._lifecycle_patched = True  # type: ignore[attr-defined]
-    kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
+    _connparams._lifecycle_patched = True  # type: ignore[attr-defined]
+    kombu_redis.Channel._connparams = _connparams  # type: ignore[method-assign]
 
 
-_survive_restore_after_connection_loss()
+_survive_broker_loss()
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
