@@ -10,7 +10,6 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -461,16 +460,16 @@ def wait_for(
     check: Callable[[], Any], *, timeout: float, what: str, proc: Proc | None = None
 ) -> Any:
     """Poll ``check`` until truthy (the bound only stops a broken run from hanging)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"{proc.name} exited while waiting for {what}:\n{proc.log_tail()}")
-        time.sleep(0.05)
-    tail = f":\n{proc.log_tail()}" if proc is not None else ""
-    raise RuntimeError(f"timed out waiting for {what}{tail}")
+    from tests.processes import wait_until
+
+    def alive() -> str | None:
+        if proc is None or proc.alive():
+            return None
+        return f"{proc.name} exited:\n{proc.log_tail()}"
+
+    return wait_until(
+        check, timeout=timeout, interval=0.05, what=what, alive=alive, error=RuntimeError
+    )
 
 
 @contextlib.contextmanager
@@ -505,19 +504,11 @@ def api_process(servers: Servers, work: Path, workers: int) -> Iterator[tuple[st
 def start_worker(servers: Servers, work: Path, concurrency: int, name: str = "worker") -> Proc:
     """The real worker (``lifecycle worker``, prefork) with the no-op provider set, also
     loading the ``bench.noop`` task; returns once it answers a ping."""
+    from tests.processes import worker_args
+
     proc = Proc(
         name,
-        [
-            "worker",
-            "-c",
-            str(concurrency),
-            "--pool",
-            "prefork",
-            "--without-gossip",
-            "--without-mingle",
-            "--include",
-            "bench.celery_noop",
-        ],
+        worker_args(concurrency, "--include", "bench.celery_noop"),
         servers.env(LIFECYCLE_PROVIDER_SET="noop"),
         work / "logs",
     )

@@ -9,10 +9,8 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +18,8 @@ import httpx
 import pytest
 
 from tests.factories import Caller, make_caller
+from tests.processes import LIFECYCLE, ROOT, wait_until, worker_args
 from worker.embedded import find_free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-LIFECYCLE = [sys.executable, "-m", "worker"]
-
-
-def wait_until(
-    check: Callable[[], Any],
-    *,
-    timeout: float = 60.0,
-    interval: float = 0.1,
-    what: str = "condition",
-) -> Any:
-    """Poll ``check`` until it returns something truthy (a bounded loop, not a timing
-    assertion: the bound only stops a broken run from hanging)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
 
 
 class Stack:
@@ -81,18 +58,7 @@ class Stack:
             return False
 
     def start_worker(self, name: str = "worker", concurrency: int = 2) -> subprocess.Popen[bytes]:
-        proc = self._spawn(
-            name,
-            [
-                "worker",
-                "-c",
-                str(concurrency),
-                "--pool",
-                "prefork",
-                "--without-gossip",
-                "--without-mingle",
-            ],
-        )
+        proc = self._spawn(name, worker_args(concurrency))
         return proc
 
     def start_beat(self, name: str = "beat") -> subprocess.Popen[bytes]:

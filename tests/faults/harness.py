@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -29,10 +28,9 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
+from tests.processes import LIFECYCLE, ROOT, wait_until, worker_args
 from worker.embedded import find_free_port
 
-ROOT = Path(__file__).resolve().parents[2]
-LIFECYCLE = [sys.executable, "-m", "worker"]
 OWNER = "recoupable"  # Settings.workspace_owner
 OPEN_STATES = ("pending", "queued", "running")
 
@@ -44,14 +42,7 @@ def wait_for(
     check: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition"
 ) -> Any:
     """Poll ``check`` until truthy; a bounded loop (the bound only stops a broken run)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+    return wait_until(check, timeout=timeout, interval=interval, what=what)
 
 
 # --------------------------------------------------------------------------- processes
@@ -119,18 +110,7 @@ class Cluster:
             return False
 
     def start_worker(self, name: str = "worker", concurrency: int = 2) -> None:
-        self._spawn(
-            name,
-            [
-                "worker",
-                "-c",
-                str(concurrency),
-                "--pool",
-                "prefork",
-                "--without-gossip",
-                "--without-mingle",
-            ],
-        )
+        self._spawn(name, worker_args(concurrency))
 
     def start_beat(self, name: str = "beat") -> None:
         # Each beat keeps its own schedule file (it lives under LIFECYCLE_DATA_DIR, which

@@ -1,0 +1,52 @@
+"""What the end-to-end tests, the fault suite and the benchmarks share to drive real
+processes: the ``python -m worker`` command line, and a bounded polling loop."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+LIFECYCLE = [sys.executable, "-m", "worker"]
+
+
+def worker_args(concurrency: int, *extra: str) -> list[str]:
+    """``lifecycle worker`` as the harnesses run it: prefork, no gossip or mingle (they
+    only slow start-up when workers come and go)."""
+    return [
+        "worker",
+        "-c",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        "--without-gossip",
+        "--without-mingle",
+        *extra,
+    ]
+
+
+def wait_until(
+    check: Callable[[], Any],
+    *,
+    timeout: float = 60.0,
+    interval: float = 0.1,
+    what: str = "condition",
+    alive: Callable[[], str | None] | None = None,
+    error: type[Exception] = AssertionError,
+) -> Any:
+    """Poll ``check`` until it returns something truthy, and return that. A bounded loop,
+    not a timing assertion: the bound only stops a broken run from hanging. ``alive``
+    returns why waiting is pointless (a process died), or None."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        if alive is not None and (dead := alive()) is not None:
+            raise error(f"{dead} while waiting for {what}")
+        time.sleep(interval)
+    raise error(f"timed out after {timeout:g}s waiting for {what}; last value: {last!r}")
