@@ -17,14 +17,16 @@ from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
-from tests.factories import make_caller
+# The same session set-up and job lookup as the service tests.
+from tests.integration.test_lifecycle_service import _create
+from tests.integration.test_lifecycle_service import _next_job as _queued
 from worker.celery_app import DEFAULT_QUEUE, create_celery
 from worker.config import get_settings
 from worker.db.engine import get_engine, get_sessionmaker
 from worker.db.models import ChatRecord, LifecycleRunRecord, OutboxRecord, SessionRecord
 from worker.domain.lifecycle import RunKind
 from worker.providers.registry import build_providers
-from worker.services import lifecycle, sessions
+from worker.services import lifecycle
 from worker.services.lifecycle import LifecycleService
 from worker.services.outbox import CeleryPublisher
 
@@ -44,45 +46,6 @@ def _service(tmp_path: Path, factory: Any = None) -> LifecycleService:
 @pytest.fixture
 def svc(db_clean: dict[str, str], redis_client: Any, tmp_path: Path) -> LifecycleService:
     return _service(tmp_path)
-
-
-def _create(svc: LifecycleService) -> uuid.UUID:
-    caller = make_caller()
-    with svc.factory.begin() as db:
-        created = sessions.create_session(
-            db,
-            svc.settings,
-            caller.account_id,
-            sessions.CreateSession(),
-            clone_url="x",
-            sandbox_type="local",
-        )
-        owner, name = created.session.repo_owner, created.session.repo_name
-        assert owner and name
-        db.execute(
-            update(SessionRecord)
-            .where(SessionRecord.id == created.session.id)
-            .values(clone_url=svc.providers.repo_host.clone_url(owner, name))
-        )
-        return created.session.id
-
-
-def _queued(svc: LifecycleService, sid: uuid.UUID) -> dict[str, Any] | None:
-    """The newest queued run's job, as a worker would receive it."""
-    with svc.factory() as db:
-        run = db.scalars(
-            select(LifecycleRunRecord)
-            .where(LifecycleRunRecord.session_id == sid, LifecycleRunRecord.state == "queued")
-            .order_by(LifecycleRunRecord.created_at.desc())
-        ).first()
-        if run is None:
-            return None
-        return {
-            "kind": RunKind(run.kind),
-            "session_id": str(sid),
-            "run_id": str(run.id),
-            "version": run.issued_version,
-        }
 
 
 def _deliver(svc: LifecycleService, job: dict[str, Any]) -> lifecycle.Outcome:
