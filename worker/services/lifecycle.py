@@ -457,6 +457,18 @@ WHERE session_id = %(sid)s AND kind = ANY(%(kinds)s) AND state = ANY(%(ended)s)
 """
 
 
+def state_before_claim(kind: RunKind, snapshot_url: str | None, current: str) -> str:
+    """The state a session showed before a run of ``kind`` claimed it (what releasing or
+    abandoning the run restores, so that its retry's claim is eligible again)."""
+    if kind is RunKind.HIBERNATE:
+        return ACTIVE
+    if kind is RunKind.START:
+        return (
+            LifecycleState.HIBERNATED.value if snapshot_url else LifecycleState.PROVISIONING.value
+        )
+    return current
+
+
 class LifecycleService:
     """Runs lifecycle work against a database and a set of providers."""
 
@@ -912,16 +924,8 @@ class LifecycleService:
         )
 
     def _state_before(self, claim: Claim) -> str:
-        kind = RunKind(claim.run.kind)
-        if kind is RunKind.HIBERNATE:
-            return ACTIVE
-        if kind is RunKind.START:
-            return (
-                LifecycleState.HIBERNATED.value
-                if claim.session.snapshot_url
-                else LifecycleState.PROVISIONING.value
-            )
-        return claim.session.lifecycle_state
+        s = claim.session
+        return state_before_claim(RunKind(claim.run.kind), s.snapshot_url, s.lifecycle_state)
 
     def backoff(self, attempts: int, retry_after: float | None) -> float:
         """Exponential backoff with full jitter, never sooner than the remote asked."""

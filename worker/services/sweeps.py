@@ -231,24 +231,12 @@ def relay_outbox(svc: LifecycleService) -> dict[str, Any]:
     return {"published": result.published, "failed": result.failed}
 
 
-def _state_after_abandon(run: LifecycleRunRecord, session: SessionRecord) -> str:
-    """Undo the claim's in-progress state so the re-driven run's claim is eligible."""
-    kind = RunKind(run.kind)
-    if kind is RunKind.HIBERNATE:
-        return LifecycleState.ACTIVE.value
-    if kind is RunKind.START:
-        return (
-            LifecycleState.HIBERNATED.value
-            if session.snapshot_url
-            else LifecycleState.PROVISIONING.value
-        )
-    return session.lifecycle_state
-
-
 def reap_runs(svc: LifecycleService) -> dict[str, Any]:
     """Expired leases: mark the run abandoned, release the lease and queue a new run of
     the same kind (trigger ``reaper``). Queued runs whose message never ran (lost by the
     broker) are published again; sessions left with only pending runs are dispatched."""
+    from worker.services.lifecycle import state_before_claim
+
     lease = timedelta(seconds=svc.settings.lease_seconds)
     reaped = republished = dispatched = 0
     jobs: list[OutboxRecord] = []
@@ -269,7 +257,10 @@ def reap_runs(svc: LifecycleService) -> dict[str, Any]:
             s.updated_at = datetime.now(UTC)
             if run is None:
                 continue
-            s.lifecycle_state = _state_after_abandon(run, s)
+            # Undo the claim's in-progress state so the re-driven run's claim is eligible.
+            s.lifecycle_state = state_before_claim(
+                RunKind(run.kind), s.snapshot_url, s.lifecycle_state
+            )
             if run.state in (RunState.QUEUED.value, RunState.RUNNING.value):
                 svc._finish_run(db, run, RunState.ABANDONED, error="lease expired (worker lost)")
             db.flush()
