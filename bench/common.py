@@ -389,15 +389,9 @@ class Proc:
         logs.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.log_path = logs / f"{name}.log"
-        with self.log_path.open("ab") as out:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "worker", *args],
-                env=env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        from tests.processes import spawn
+
+        self.popen = spawn(args, env, self.log_path)
 
     @property
     def pid(self) -> int:

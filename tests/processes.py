@@ -3,6 +3,7 @@ processes: the ``python -m worker`` command line, and a bounded polling loop."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -11,6 +12,22 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 LIFECYCLE = [sys.executable, "-m", "worker"]
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``python -m worker <args>`` in its own process group (so a signal to the group
+    reaches a prefork parent and its children), output appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [*LIFECYCLE, *args],
+            env=env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def worker_args(concurrency: int, *extra: str) -> list[str]:

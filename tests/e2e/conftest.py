@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.factories import Caller, make_caller
-from tests.processes import LIFECYCLE, ROOT, wait_until, worker_args
+from tests.processes import ROOT, spawn, wait_until, worker_args
 from worker.embedded import find_free_port
 
 
@@ -35,15 +35,7 @@ class Stack:
         self.fault_plan = Path(env["LIFECYCLE_FAULT_PLAN"])
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            [*LIFECYCLE, *args],
-            env=self.env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = spawn(args, self.env, self.logs / f"{name}.log")
         self.procs[name] = proc
         return proc
 

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,10 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import ROOT, wait_until
+from tests.processes import LIFECYCLE, ROOT, wait_until
 from worker.embedded import find_free_port
 
 pytestmark = pytest.mark.e2e
-
-LIFECYCLE = [sys.executable, "-m", "worker"]
 
 
 @dataclass

@@ -28,7 +28,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from tests.processes import LIFECYCLE, ROOT, wait_until, worker_args
+from tests.processes import LIFECYCLE, ROOT, spawn, wait_until, worker_args
 from worker.embedded import find_free_port
 
 OWNER = "recoupable"  # Settings.workspace_owner
@@ -83,16 +83,7 @@ class Cluster:
     def _spawn(
         self, name: str, args: list[str], env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        with (self.logs / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen(
-                [*LIFECYCLE, *args],
-                env={**self.env, **(env or {})},
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = spawn(args, {**self.env, **(env or {})}, self.logs / f"{name}.log")
         self.procs[name] = proc
         return proc
 
