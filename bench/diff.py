@@ -5,7 +5,7 @@ Fixture: a repository whose session branch changes ``files`` files by
 the files changed in commits on the branch, 20% changed in the working tree only
 (half of them staged), 10% new untracked files. The base files have 300 lines.
 
-System: :func:`worker.services.diffs_compute.compute_diff` (the worker's code: merge-base,
+System: :func:`worker.providers.git_diff.compute_diff` (the worker's code: merge-base,
 throw-away index, one ``git diff --raw -p -M``, parsing into the cached-diff JSON).
 Baseline: ``git diff --numstat <merge-base>`` plus ``git diff <merge-base>`` of the same
 trees (the untracked files marked intent-to-add in a copy of the index, prepared
@@ -99,7 +99,7 @@ def build_repo(root: Path, files: int, lines_per_file: int) -> tuple[Path, int]:
 
 
 def run(ctx: Context) -> list[Result]:
-    from worker.services.diffs_compute import compute_diff
+    from worker.providers.git_diff import compute_diff
 
     sizes = ctx.sizes
     started = time.monotonic()

@@ -19,8 +19,8 @@ from worker.providers.base import (
     RepoInfo,
     TransientProviderError,
 )
+from worker.providers.git import run_git
 from worker.providers.github import GitHubRepoHost, derive_git_base_url
-from worker.providers.local_git import run_git
 from worker.providers.registry import build_repo_host
 
 TOKEN = "fake-token-" + uuid.uuid4().hex  # matches none of the log redaction patterns

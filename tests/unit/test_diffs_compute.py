@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from worker.providers import git_diff as diffs_compute
 from worker.providers.base import PermanentProviderError
-from worker.services import diffs_compute
-from worker.services.diffs_compute import compute_diff
+from worker.providers.git_diff import compute_diff
 
 
 @pytest.fixture(autouse=True)

@@ -18,11 +18,8 @@ from worker.providers.base import (
     RepoInfo,
     TransientProviderError,
 )
-from worker.providers.local_git import (
-    LocalGitRepoHost,
-    redact,
-    strip_url_credentials,
-)
+from worker.providers.git import redact, strip_url_credentials
+from worker.providers.local_git import LocalGitRepoHost
 
 OWNER = "recoupable"
 NAME = "0b7f3c1e-5d4a-4c1b-9a55-2f6a7c8d9e10"

@@ -195,11 +195,11 @@ def test_credentials_travel_only_in_the_environment(
 def test_clone_environment_reaches_git_and_errors_hide_it(
     sandboxes: LocalSandboxProvider, repo: RepoInfo, branch: BranchInfo
 ) -> None:
-    # The env is really used: forbidding the file protocol through it makes the clone fail.
+    # The env is really used: a URL rewrite passed through it sends the clone nowhere.
     env = {
         "GIT_CONFIG_COUNT": "2",
-        "GIT_CONFIG_KEY_0": "protocol.file.allow",
-        "GIT_CONFIG_VALUE_0": "never",
+        "GIT_CONFIG_KEY_0": "url.file:///nonexistent/.insteadOf",
+        "GIT_CONFIG_VALUE_0": "file:///",
         "GIT_CONFIG_KEY_1": "http.extraHeader",
         "GIT_CONFIG_VALUE_1": f"Authorization: Bearer {TOKEN}",
     }

@@ -99,9 +99,16 @@ class SandboxProvider(Protocol):
     kind: str
 
     def start_from_clone(
-        self, name: str, clone_url: str, branch: str, env: dict[str, str] | None = None
+        self,
+        name: str,
+        clone_url: str,
+        branch: str,
+        env: dict[str, str] | None = None,
+        *,
+        base_branch: str = "main",
     ) -> SandboxInfo:
-        """Start sandbox ``name`` as a fresh checkout of ``branch``. Idempotent: when the
+        """Start sandbox ``name`` as a fresh checkout of ``branch``, fetching only that
+        branch and ``base_branch`` (what the diff is taken against). Idempotent: when the
         sandbox already exists and is complete it is reused, untouched."""
         ...
 

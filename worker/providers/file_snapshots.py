@@ -48,6 +48,7 @@ from worker.providers.base import (
     SnapshotInfo,
     TransientProviderError,
 )
+from worker.providers.git import subprocess_env
 
 __all__ = ["FileSnapshotStore"]
 
@@ -376,7 +377,7 @@ class FileSnapshotStore:
             self._write_with_tarfile(source, out)
             return
         tar_cmd = [self._tar_bin, "-C", str(source), "--numeric-owner", "-cf", "-", "."]
-        env = {**os.environ, "LC_ALL": "C"}
+        env = subprocess_env()
         with tempfile.TemporaryFile() as tar_err, tempfile.TemporaryFile() as zstd_err:
             tar = subprocess.Popen(tar_cmd, stdout=subprocess.PIPE, stderr=tar_err, env=env)
             assert tar.stdout is not None

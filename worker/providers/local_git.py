@@ -6,7 +6,7 @@ repository at the final path and concurrent creators (threads or processes) end 
 exactly one repository: the first rename wins, every other creator finds the winner's
 repository and reuses it.
 
-This module also holds the small ``git`` runner shared by the local providers.
+Git itself runs through :mod:`worker.providers.git` (the one runner).
 """
 
 from __future__ import annotations
@@ -16,28 +16,25 @@ import errno
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from worker.providers.base import (
     BranchInfo,
     PermanentProviderError,
     ProviderError,
     RepoInfo,
-    TransientProviderError,
+)
+from worker.providers.git import (
+    classify_git_failure,
+    run_git,
+    strip_url_credentials,
+    validate_branch_name,
 )
 
 __all__ = [
-    "GitResult",
     "LocalGitRepoHost",
-    "git_env",
-    "redact",
-    "run_git",
     "strip_url_credentials",
     "validate_branch_name",
     "validate_safe_name",
@@ -58,44 +55,6 @@ HOST_IDENTITY_ENV = {
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
-# Inherited variables that would point git at another repository or inject config.
-_SCRUBBED_ENV = {
-    "GIT_DIR",
-    "GIT_WORK_TREE",
-    "GIT_INDEX_FILE",
-    "GIT_OBJECT_DIRECTORY",
-    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
-    "GIT_COMMON_DIR",
-    "GIT_NAMESPACE",
-    "GIT_PREFIX",
-    "GIT_CONFIG_PARAMETERS",
-    "GIT_CONFIG_COUNT",
-}
-_SCRUBBED_ENV_PREFIXES = ("GIT_CONFIG_KEY_", "GIT_CONFIG_VALUE_")
-
-# stderr fragments meaning "try again later" (lock contention, network trouble).
-_TRANSIENT_MARKERS = (
-    ".lock': file exists",
-    "another git process seems to be running",
-    "could not resolve host",
-    "connection timed out",
-    "operation timed out",
-    "connection reset",
-    "connection refused",
-    "early eof",
-    "rpc failed",
-    "remote end hung up unexpectedly",
-    "the requested url returned error: 5",
-    "the requested url returned error: 429",
-    "temporary failure",
-    "resource temporarily unavailable",
-    "gnutls_handshake",
-    "ssl_read",
-)
-
-_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-_AUTH_HEADER = re.compile(r"(?i)(authorization:)[^\r\n]*")
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -108,116 +67,6 @@ def validate_safe_name(value: str, what: str) -> str:
             "starting with a letter or digit"
         )
     return value
-
-
-def validate_branch_name(branch: str) -> str:
-    """A branch name acceptable to ``git check-ref-format`` (and not an option)."""
-    if (
-        not isinstance(branch, str)
-        or not branch
-        or len(branch) > 200
-        or branch.startswith("-")
-        or branch == "HEAD"
-        or any(ord(ch) < 32 or ord(ch) == 127 for ch in branch)
-    ):
-        raise PermanentProviderError(f"invalid branch name {branch!r}")
-    result = run_git(
-        ["check-ref-format", f"refs/heads/{branch}"], action="check-ref-format", check=False
-    )
-    if result.returncode != 0:
-        raise PermanentProviderError(f"invalid branch name {branch!r}")
-    return branch
-
-
-def strip_url_credentials(url: str) -> str:
-    """``url`` without any ``user:password@`` part (safe to store and show)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove URL passwords, authorization headers and the given secret values."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    text = _URL_USERINFO.sub(r"\1***@", text)
-    return _AUTH_HEADER.sub(r"\1 ***", text)
-
-
-def git_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for a git subprocess: inherited, scrubbed, non-interactive."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in _SCRUBBED_ENV and not key.startswith(_SCRUBBED_ENV_PREFIXES)
-    }
-    env["GIT_TERMINAL_PROMPT"] = "0"
-    env["GCM_INTERACTIVE"] = "never"
-    env["LC_ALL"] = "C"
-    if extra:
-        env.update(extra)
-    return env
-
-
-@dataclass(frozen=True)
-class GitResult:
-    """What a git command printed and returned."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def classify_git_failure(action: str, stderr: str, secrets: Iterable[str] = ()) -> ProviderError:
-    """Turn a failed git command into a transient or permanent provider error."""
-    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
-    detail = redact(" / ".join(lines[-3:]), secrets)[:500] or "no error output"
-    message = f"git {action} failed: {detail}"
-    lowered = stderr.lower()
-    if any(marker in lowered for marker in _TRANSIENT_MARKERS):
-        return TransientProviderError(message)
-    return PermanentProviderError(message)
-
-
-def run_git(
-    args: Sequence[str],
-    *,
-    action: str,
-    cwd: Path | None = None,
-    extra_env: Mapping[str, str] | None = None,
-    stdin: str | None = None,
-    timeout: float = 600.0,
-    check: bool = True,
-    secrets: Iterable[str] = (),
-) -> GitResult:
-    """Run ``git <args>``; with ``check`` a failure raises a provider error.
-
-    ``secrets`` (and every value in ``extra_env``) are redacted from error messages.
-    """
-    hidden = [*secrets, *(extra_env or {}).values()]
-    try:
-        proc = subprocess.run(
-            ["git", *args],
-            cwd=cwd,
-            env=git_env(extra_env),
-            input=stdin,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout,
-            check=False,
-        )
-    except FileNotFoundError as exc:
-        raise PermanentProviderError("git is not installed (no 'git' on PATH)") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise TransientProviderError(f"git {action} timed out after {timeout:g}s") from exc
-    result = GitResult(proc.returncode, proc.stdout, proc.stderr)
-    if check and proc.returncode != 0:
-        raise classify_git_failure(action, proc.stderr, hidden)
-    return result
 
 
 # ------------------------------------------------------------------------- repo host

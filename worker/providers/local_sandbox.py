@@ -32,7 +32,7 @@ from worker.providers.base import (
     SandboxInfo,
     SnapshotStore,
 )
-from worker.providers.local_git import run_git, strip_url_credentials, validate_branch_name
+from worker.providers.git import run_git, strip_url_credentials, validate_branch_name
 
 __all__ = ["LocalSandboxProvider", "validate_sandbox_name"]
 
@@ -107,42 +107,67 @@ class LocalSandboxProvider:
     # -- SandboxProvider -----------------------------------------------------------
 
     def start_from_clone(
-        self, name: str, clone_url: str, branch: str, env: dict[str, str] | None = None
+        self,
+        name: str,
+        clone_url: str,
+        branch: str,
+        env: dict[str, str] | None = None,
+        *,
+        base_branch: str = "main",
     ) -> SandboxInfo:
         target = self.workdir(name)
         validate_branch_name(branch)
+        validate_branch_name(base_branch)
         if target.is_dir():
             return self._reused(name)
         plain_url = strip_url_credentials(clone_url)
+        secrets = [clone_url] if plain_url != clone_url else []
         tmp = self._make_tmp(name)
         try:
-            # Credentials travel only in the environment (``env``); the identity goes into
-            # the new repository's own config so agents can commit.
+            # Only the session's own branch and the base it is diffed against: no other
+            # session's branch, no tags. Credentials travel only in the environment
+            # (``env``); the identity goes into the new repository's own config so agents
+            # can commit.
+            refspecs = [f"+refs/heads/{branch}:refs/remotes/origin/{branch}"]
+            if base_branch != branch:
+                refspecs.append(f"+refs/heads/{base_branch}:refs/remotes/origin/{base_branch}")
             run_git(
-                [
-                    "clone",
-                    "--quiet",
-                    "--config",
-                    f"user.name={self._git_user_name}",
-                    "--config",
-                    f"user.email={self._git_user_email}",
-                    "--branch",
-                    branch,
-                    "--",
-                    clone_url,
-                    str(tmp),
-                ],
+                ["init", "--quiet", "--template=", f"--initial-branch={branch}", str(tmp)],
+                action="init",
+            )
+            for setting in (
+                ["user.name", self._git_user_name],
+                ["user.email", self._git_user_email],
+                ["remote.origin.url", plain_url],
+                ["remote.origin.tagOpt", "--no-tags"],
+                [f"branch.{branch}.remote", "origin"],
+                [f"branch.{branch}.merge", f"refs/heads/{branch}"],
+            ):
+                run_git(["-C", str(tmp), "config", *setting], action="config")
+            for spec in refspecs:
+                run_git(
+                    ["-C", str(tmp), "config", "--add", "remote.origin.fetch", spec],
+                    action="config",
+                )
+            run_git(
+                ["-C", str(tmp), "fetch", "--quiet", "--no-tags", "--", clone_url, *refspecs],
                 action=f"clone of branch {branch!r}",
                 extra_env=env,
-                secrets=[clone_url] if plain_url != clone_url else [],
+                secrets=secrets,
                 timeout=self._clone_timeout,
             )
-            if plain_url != clone_url:
-                run_git(
-                    ["-C", str(tmp), "remote", "set-url", "origin", plain_url],
-                    action="remote set-url",
-                    secrets=[clone_url],
-                )
+            run_git(
+                [
+                    "-C",
+                    str(tmp),
+                    "checkout",
+                    "--quiet",
+                    "-B",
+                    branch,
+                    f"refs/remotes/origin/{branch}",
+                ],
+                action=f"checkout of branch {branch!r}",
+            )
             return self._commit(name, tmp)
         finally:
             _rmtree(tmp)

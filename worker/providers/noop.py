@@ -59,7 +59,13 @@ class NoopSandboxProvider:
     kind = "noop"
 
     def start_from_clone(
-        self, name: str, clone_url: str, branch: str, env: dict[str, str] | None = None
+        self,
+        name: str,
+        clone_url: str,
+        branch: str,
+        env: dict[str, str] | None = None,
+        *,
+        base_branch: str = "main",
     ) -> SandboxInfo:
         return SandboxInfo(name=name, workdir=None, started_at=datetime.now(UTC), reused=False)
 

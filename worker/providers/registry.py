@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from worker.config import Settings
 from worker.providers.base import RepoHost, SandboxProvider, SnapshotStore
-from worker.services.diffs_compute import compute_diff
+from worker.providers.git_diff import compute_diff
 
 #: Computes the cached diff of a sandbox working tree against its base branch.
 DiffFunction = Callable[[Path, str], dict[str, Any]]

@@ -761,7 +761,9 @@ class LifecycleService:
         else:
             assert s.clone_url and s.branch
             url, env = self.providers.repo_host.clone_source(s.clone_url)
-            info = sandbox.start_from_clone(name, url, s.branch, env)
+            info = sandbox.start_from_clone(
+                name, url, s.branch, env, base_branch=self.settings.default_branch
+            )
         now = datetime.now(UTC)
         expires = now + timedelta(seconds=self.settings.max_lifetime_seconds)
         state: dict[str, Any] = {

@@ -16,22 +16,21 @@ How it stays cheap (a handful of git processes, however many files changed):
    are read from the patch's ``+``/``-`` lines, which is what ``--numstat`` counts, so
    git does not have to diff every file a second time.
 
-Repository-controlled external programs are not run: external diff drivers and textconv
-are disabled and ``core.fsmonitor`` is off. (Clean filters from ``.gitattributes`` still
-apply when git reads working-tree files, as for any ``git diff``.)
+Nothing the sandbox wrote runs: git works through :func:`~worker.providers.git.sandbox_git_dir`,
+a shadow git directory with the worker's own config, so the sandbox's hooks, config
+(filters, textconv, external diff, fsmonitor, includes …) and attributes' drivers are never
+seen; external diff drivers and textconv are also disabled on the command line.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from worker.providers.base import PermanentProviderError, TransientProviderError
+from worker.providers.base import PermanentProviderError
+from worker.providers.git import run_git_bytes, sandbox_git_dir
 
 __all__ = ["GENERATED_FILE_NAMES", "compute_diff"]
 
@@ -66,21 +65,6 @@ GENERATED_FILE_NAMES: frozenset[str] = frozenset(
 
 _GIT_TIMEOUT_SECONDS = 600.0
 
-# Settings that keep git's output machine-readable and stop a repository's own config from
-# running programs or changing the format we parse.
-_GIT_CONFIG = (
-    "-c",
-    "core.quotepath=off",
-    "-c",
-    "core.fsmonitor=false",
-    "-c",
-    "color.ui=false",
-    "-c",
-    "gc.auto=0",
-    "-c",
-    "advice.addEmbeddedRepo=false",
-)
-
 _DIFF_OPTIONS = (
     "--raw",
     "-z",
@@ -91,24 +75,9 @@ _DIFF_OPTIONS = (
     "--no-textconv",
     "--no-relative",
     "--submodule=short",
+    "--ignore-submodules=all",
     "--src-prefix=a/",
     "--dst-prefix=b/",
-)
-
-# Environment variables that would point git at another repository, index or object store.
-_GIT_LOCATION_VARS = (
-    "GIT_DIR",
-    "GIT_WORK_TREE",
-    "GIT_INDEX_FILE",
-    "GIT_OBJECT_DIRECTORY",
-    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
-    "GIT_COMMON_DIR",
-    "GIT_NAMESPACE",
-    "GIT_PREFIX",
-    "GIT_CEILING_DIRECTORIES",
-    "GIT_DISCOVERY_ACROSS_FILESYSTEM",
-    "GIT_EXTERNAL_DIFF",
-    "GIT_DIFF_OPTS",
 )
 
 _STATUS_NAMES = {
@@ -147,26 +116,16 @@ def compute_diff(
     no commit, or the base branch (or a common ancestor with it) cannot be found.
     """
     workdir = Path(workdir)
-    env = _git_env()
-    index_path, head_sha = _inspect_repo(workdir, env)
-    base_ref = _merge_base(workdir, env, base_branch)
-
-    with tempfile.TemporaryDirectory(prefix="diff-index-") as tmp:
-        temp_index = os.path.join(tmp, "index")
-        temp_env = dict(env)
-        temp_env["GIT_INDEX_FILE"] = temp_index
-        if os.path.isfile(index_path):
-            shutil.copyfile(index_path, temp_index)
-        else:  # no index yet (unusual): start from HEAD's tree
-            _git(workdir, temp_env, ["read-tree", head_sha], what="read HEAD into an index")
+    with sandbox_git_dir(workdir) as env:
+        head_sha = _head_sha(workdir, env)
+        base_ref = _merge_base(workdir, env, base_branch)
+        if not Path(env["GIT_INDEX_FILE"]).exists():  # no index yet (unusual): HEAD's tree
+            _git(workdir, env, ["read-tree", head_sha], what="read HEAD into an index")
         # Record untracked (non-ignored) files as intent-to-add in the throw-away index, so
         # the working-tree diff below shows them as new files. Nothing is hashed or stored.
-        _git(workdir, temp_env, ["add", "-A", "-N"], what="list untracked files")
+        _git(workdir, env, ["add", "-A", "-N"], what="list untracked files")
         output = _git(
-            workdir,
-            temp_env,
-            ["diff", *_DIFF_OPTIONS, base_ref, "--"],
-            what="diff the working tree",
+            workdir, env, ["diff", *_DIFF_OPTIONS, base_ref, "--"], what="diff the working tree"
         )
 
     files = _build_files(output, max_patch_bytes_per_file, max_total_patch_bytes)
@@ -185,38 +144,12 @@ def compute_diff(
 # --------------------------------------------------------------------------- git helpers
 
 
-def _git_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATION_VARS}
-    env["GIT_TERMINAL_PROMPT"] = "0"
-    env["GIT_OPTIONAL_LOCKS"] = "0"
-    env["GIT_PAGER"] = "cat"
-    return env
-
-
 def _run(
     workdir: Path, env: Mapping[str, str], args: Sequence[str]
 ) -> subprocess.CompletedProcess[bytes]:
-    try:
-        return subprocess.run(
-            ["git", *_GIT_CONFIG, *args],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            check=False,
-            timeout=_GIT_TIMEOUT_SECONDS,
-        )
-    except FileNotFoundError as exc:
-        # Either git is missing or workdir does not exist; tell the two apart.
-        if not workdir.is_dir():
-            raise PermanentProviderError(f"workdir {workdir} does not exist") from exc
-        raise PermanentProviderError("git executable not found") from exc
-    except NotADirectoryError as exc:
-        raise PermanentProviderError(f"workdir {workdir} is not a directory") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise TransientProviderError(
-            f"git {args[0]} timed out after {_GIT_TIMEOUT_SECONDS:.0f}s"
-        ) from exc
+    return run_git_bytes(
+        args, action=args[0], cwd=workdir, extra_env=env, timeout=_GIT_TIMEOUT_SECONDS
+    )
 
 
 def _git(workdir: Path, env: Mapping[str, str], args: Sequence[str], *, what: str) -> bytes:
@@ -234,38 +167,12 @@ def _first_line(stderr: bytes) -> str:
     return "no error output"
 
 
-def _inspect_repo(workdir: Path, env: Mapping[str, str]) -> tuple[str, str]:
-    """Return ``(index_path, head_sha)``; check ``workdir`` is the top of a work tree."""
-    proc = _run(
-        workdir,
-        env,
-        [
-            "rev-parse",
-            "--is-inside-work-tree",
-            "--show-toplevel",
-            "--git-path",
-            "index",
-        ],
-    )
-    if proc.returncode != 0:
-        raise PermanentProviderError(
-            f"workdir {workdir} is not a git repository: {_first_line(proc.stderr)}"
-        )
-    lines = proc.stdout.decode("utf-8", "surrogateescape").splitlines()
-    if len(lines) != 3 or lines[0] != "true":
-        raise PermanentProviderError(f"workdir {workdir} is not a git working tree")
-    toplevel, index_path = lines[1], lines[2]
-    if os.path.realpath(toplevel) != os.path.realpath(workdir):
-        # A plain directory inside some other repository must not diff that repository.
-        raise PermanentProviderError(f"workdir {workdir} is not the top of a git repository")
-    if not os.path.isabs(index_path):
-        index_path = os.path.join(workdir, index_path)
-
+def _head_sha(workdir: Path, env: Mapping[str, str]) -> str:
     head = _run(workdir, env, ["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])
     head_sha = head.stdout.decode("ascii", "replace").strip()
     if head.returncode != 0 or not head_sha:
         raise PermanentProviderError(f"workdir {workdir} has no commit checked out")
-    return index_path, head_sha
+    return head_sha
 
 
 def _merge_base(workdir: Path, env: Mapping[str, str], base_branch: str) -> str:
