@@ -14,8 +14,9 @@ from worker.celery_app import create_celery
 from worker.config import Settings, get_settings
 from worker.db.engine import get_sessionmaker
 from worker.logging import configure_logging
+from worker.providers.broker import CeleryPublisher
 from worker.providers.registry import build_repo_host
-from worker.services.outbox import BackgroundPublisher, CeleryPublisher
+from worker.services.outbox import BackgroundPublisher
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -107,7 +107,7 @@ class Driver:
         ``runs.kick`` does for a free session); return the jobs to publish."""
         from worker.domain.lifecycle import RunKind
         from worker.routing import queue_for
-        from worker.services.runs import TASK_FOR_KIND
+        from worker.task_names import TASK_FOR_KIND
 
         rows = self.conn.execute(
             """

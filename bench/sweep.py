@@ -93,10 +93,10 @@ def run(ctx: Context) -> list[Result]:
 
     from worker.config import get_settings
     from worker.db.engine import get_sessionmaker
+    from worker.providers.broker import CeleryPublisher
     from worker.providers.registry import build_providers
     from worker.services import accounts, sweeps
     from worker.services.lifecycle import LifecycleService
-    from worker.services.outbox import CeleryPublisher
 
     servers = ctx.servers
     sizes = ctx.sizes

@@ -6,26 +6,24 @@ The API imports this module only to publish tasks *by name*; task code lives in
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from celery import Celery
 
 from worker.config import Settings, get_settings
-
-TASK_PROVISION = "lifecycle.provision"
-TASK_START = "lifecycle.start"
-TASK_HIBERNATE = "lifecycle.hibernate"
-TASK_SNAPSHOT = "lifecycle.snapshot"
-TASK_DIFF = "lifecycle.diff"
-TASK_ARCHIVE = "lifecycle.archive"
-
-SWEEP_HIBERNATE_IDLE = "sweeps.hibernate_idle"
-SWEEP_RELAY_OUTBOX = "sweeps.relay_outbox"
-SWEEP_REAP_RUNS = "sweeps.reap_runs"
-SWEEP_EXPIRE_SNAPSHOTS = "sweeps.expire_snapshots"
-
-DEFAULT_QUEUE = "lifecycle"
+from worker.task_names import (  # noqa: F401 -- re-exported: the names Celery users know
+    DEFAULT_QUEUE,
+    SWEEP_EXPIRE_SNAPSHOTS,
+    SWEEP_HIBERNATE_IDLE,
+    SWEEP_REAP_RUNS,
+    SWEEP_RELAY_OUTBOX,
+    TASK_ARCHIVE,
+    TASK_DIFF,
+    TASK_HIBERNATE,
+    TASK_PROVISION,
+    TASK_SNAPSHOT,
+    TASK_START,
+)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -79,39 +77,10 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _survive_broker_loss() -> None:
-    """kombu (5.7) kills the worker when Redis drops while a task runs: the lost
-    channel's transport (or its client) is already gone when kombu uses it to restore
-    the unacknowledged messages on close, or to acknowledge a task that finished after
-    the reconnect, and the ``AttributeError`` escapes as an "Unrecoverable error". Raise
-    the connection error it stands for instead, which kombu and Celery handle (log and
-    go on). The messages stay in Redis's unacked index and come back after the
-    visibility timeout: a duplicate delivery, which the run's claim skips."""
-    import redis
-    from kombu.transport import redis as kombu_redis
-
-    original = kombu_redis.Channel._connparams
-    if getattr(original, "_lifecycle_patched", False):
-        return
-
-    def _connparams(self: Any, asynchronous: bool = False) -> Any:
-        transport = getattr(self, "connection", None)
-        if transport is None or getattr(transport, "client", None) is None:
-            logging.getLogger(__name__).warning(
-                "a channel of a lost broker connection was used; its unacknowledged "
-                "messages are redelivered after the visibility timeout"
-            )
-            raise redis.exceptions.ConnectionError("the broker connection was closed")
-        return original(self, asynchronous=asynchronous)  # type: ignore[no-untyped-call]
-
-    _connparams._lifecycle_patched = True  # type: ignore[attr-defined]
-    kombu_redis.Channel._connparams = _connparams  # type: ignore[method-assign]
-
-
-_survive_broker_loss()
-
-
 def create_celery(settings: Settings | None = None) -> Celery:
+    from worker.providers.broker import survive_broker_loss
+
+    survive_broker_loss()  # before any connection exists; idempotent
     settings = settings or get_settings()
     app = Celery("lifecycle", include=["worker.tasks"])
     app.conf.update(celery_config(settings))

@@ -110,10 +110,10 @@ def worker(
     """Run a Celery worker on the default queue and this host's own queue.
 
     Extra arguments are passed to ``celery worker`` unchanged."""
-    from worker.celery_app import DEFAULT_QUEUE
     from worker.celery_app import app as celery_app
     from worker.logging import configure_logging
     from worker.routing import host_queue
+    from worker.task_names import DEFAULT_QUEUE
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
@@ -302,6 +302,7 @@ def sessions_kick(
     from worker.db.engine import get_sessionmaker
     from worker.db.models import SessionRecord
     from worker.domain.lifecycle import RunKind
+    from worker.providers.broker import CeleryPublisher
     from worker.services import outbox, runs
 
     sid = _uuid(session_id, "session id")
@@ -317,7 +318,7 @@ def sessions_kick(
             return
         result = runs.kick(db, record, run_kind, "cli")
         run_id, created, jobs = str(result.run.id), result.created, result.outbox
-    outbox.publish_now(get_sessionmaker(), jobs, outbox.CeleryPublisher(celery_app))
+    outbox.publish_now(get_sessionmaker(), jobs, CeleryPublisher(celery_app))
     typer.echo(json.dumps({"run": run_id, "coalesced": not created}))
 
 

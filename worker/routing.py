@@ -12,7 +12,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from worker.celery_app import DEFAULT_QUEUE
+from worker.task_names import DEFAULT_QUEUE
 
 # Kinds that need the live sandbox when one exists.
 _SANDBOX_BOUND = frozenset({"hibernate", "snapshot", "diff", "archive"})

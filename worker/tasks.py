@@ -17,7 +17,16 @@ from celery.signals import worker_init, worker_process_init
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from worker.celery_app import (
+from worker.celery_app import app
+from worker.config import get_settings
+from worker.db.engine import get_sessionmaker, reset_engine
+from worker.domain.lifecycle import RunKind
+from worker.logging import configure_logging, get_logger
+from worker.providers.broker import CeleryPublisher
+from worker.providers.registry import build_providers
+from worker.services import sweeps
+from worker.services.lifecycle import LifecycleService
+from worker.task_names import (
     SWEEP_EXPIRE_SNAPSHOTS,
     SWEEP_HIBERNATE_IDLE,
     SWEEP_REAP_RUNS,
@@ -28,16 +37,7 @@ from worker.celery_app import (
     TASK_PROVISION,
     TASK_SNAPSHOT,
     TASK_START,
-    app,
 )
-from worker.config import get_settings
-from worker.db.engine import get_sessionmaker, reset_engine
-from worker.domain.lifecycle import RunKind
-from worker.logging import configure_logging, get_logger
-from worker.providers.registry import build_providers
-from worker.services import sweeps
-from worker.services.lifecycle import LifecycleService
-from worker.services.outbox import CeleryPublisher
 
 log = get_logger(__name__)
 

@@ -26,13 +26,13 @@ from prometheus_client.registry import Collector
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.celery_app import DEFAULT_QUEUE
 from worker.config import Settings
 from worker.db.engine import get_sessionmaker
 from worker.domain.lifecycle import FINISHED_RUN_STATES, OPEN_RUN_STATES, LifecycleState, RunKind
 from worker.logging import get_logger
 from worker.routing import host_queue
 from worker.services import outbox, sweep_stats
+from worker.task_names import DEFAULT_QUEUE
 
 log = get_logger(__name__)
 

@@ -18,11 +18,13 @@ from fastapi.testclient import TestClient
 
 from tests.factories import Caller
 from tests.integration.conftest import create, sql
-from worker.celery_app import DEFAULT_QUEUE, TASK_PROVISION, create_celery
+from worker.celery_app import create_celery
 from worker.config import Settings
 from worker.db.engine import get_sessionmaker
 from worker.embedded import EmbeddedRedis, find_free_port
-from worker.services.outbox import CeleryPublisher, relay
+from worker.providers.broker import CeleryPublisher
+from worker.services.outbox import relay
+from worker.task_names import DEFAULT_QUEUE, TASK_PROVISION
 
 
 @pytest.fixture

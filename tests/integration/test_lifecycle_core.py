@@ -20,15 +20,17 @@ from sqlalchemy.orm import sessionmaker
 # The same session set-up and job lookup as the service tests.
 from tests.integration.test_lifecycle_service import _create
 from tests.integration.test_lifecycle_service import _next_job as _queued
-from worker.celery_app import DEFAULT_QUEUE, create_celery
+from worker.celery_app import create_celery
 from worker.config import get_settings
+from worker.db import connection
 from worker.db.engine import get_engine, get_sessionmaker
 from worker.db.models import ChatRecord, LifecycleRunRecord, OutboxRecord, SessionRecord
 from worker.domain.lifecycle import RunKind
+from worker.providers.broker import CeleryPublisher
 from worker.providers.registry import build_providers
 from worker.services import lifecycle
 from worker.services.lifecycle import LifecycleService
-from worker.services.outbox import CeleryPublisher
+from worker.task_names import DEFAULT_QUEUE
 
 
 def _service(tmp_path: Path, factory: Any = None) -> LifecycleService:
@@ -403,7 +405,7 @@ def test_connections_go_back_to_the_pool_transactional(
     engine = create_engine(db_clean["database_url"], pool_size=1, max_overflow=0)
     try:
         svc = _service(tmp_path, sessionmaker(engine, expire_on_commit=False))
-        monkeypatch.setattr(lifecycle, "CONNECTION_REUSE_SECONDS", -1.0)  # never kept
+        monkeypatch.setattr(connection, "CONNECTION_REUSE_SECONDS", -1.0)  # never kept
         sid = _create(svc)
         assert _drain(svc, sid) == ["succeeded", "succeeded"]
         assert svc._spare is None

@@ -18,10 +18,10 @@ from worker.config import Settings, get_settings
 from worker.db.engine import get_sessionmaker
 from worker.db.models import LifecycleRunRecord, OutboxRecord, SessionRecord
 from worker.domain.lifecycle import RunKind
+from worker.providers.broker import CeleryPublisher
 from worker.providers.registry import build_providers
 from worker.services import runs, sessions, sweeps
 from worker.services.lifecycle import LifecycleService
-from worker.services.outbox import CeleryPublisher
 
 
 @pytest.fixture

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from worker.celery_app import DEFAULT_QUEUE, create_celery
+from worker.celery_app import create_celery
 from worker.config import Settings
-from worker.services.outbox import CeleryPublisher
+from worker.providers.broker import CeleryPublisher
+from worker.task_names import DEFAULT_QUEUE
 
 
 def _drain(client: Any, key: str) -> list[dict[str, Any]]:

@@ -15,9 +15,9 @@ from worker.celery_app import create_celery
 from worker.config import get_settings
 from worker.db.engine import get_sessionmaker
 from worker.db.models import LifecycleRunRecord
+from worker.providers.broker import CeleryPublisher
 from worker.providers.registry import build_providers
 from worker.services.lifecycle import LifecycleService
-from worker.services.outbox import CeleryPublisher
 from worker.services.sweeps import due_candidates_query, hibernate_idle
 
 

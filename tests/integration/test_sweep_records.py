@@ -13,15 +13,16 @@ from typing import Any
 from sqlalchemy import select, text
 
 from tests.factories import make_account
-from worker.celery_app import DEFAULT_QUEUE, TASK_HIBERNATE, create_celery
+from worker.celery_app import create_celery
 from worker.config import get_settings
 from worker.db.engine import get_sessionmaker
 from worker.db.models import LifecycleRunRecord, OutboxRecord
+from worker.providers.broker import CeleryPublisher
 from worker.providers.registry import build_providers
 from worker.services import outbox
 from worker.services.lifecycle import LifecycleService
-from worker.services.outbox import CeleryPublisher
 from worker.services.sweeps import hibernate_idle
+from worker.task_names import DEFAULT_QUEUE, TASK_HIBERNATE
 
 HOST_QUEUE = "lifecycle.host.sweep-test"
 

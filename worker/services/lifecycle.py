@@ -14,7 +14,7 @@ A delivery whose version is stale or whose run no longer owns the lease does not
 
 The hot path is plain SQL, each transaction a single round trip, on one pooled
 connection in autocommit that a worker keeps between its transactions and deliveries
-(see :class:`_Connection`): the claim is one statement (lock the run, take the lease
+(see :class:`KeptConnection`): the claim is one statement (lock the run, take the lease
 under every guard, mark the run running); the record is one statement (write the
 outcome, finish the run, or end it abandoned when the lease was lost; for a provision
 also insert the chained start and its job), pipelined in one transaction with the
@@ -25,32 +25,30 @@ in ORM transactions of their own, as before.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
-import psycopg
-from sqlalchemy import ColumnElement, Connection, Engine, exists, func, not_, or_
-from sqlalchemy import exc as sa_exc
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.config import Settings
-from worker.db.models import ChatRecord, LifecycleRunRecord, OutboxRecord, SessionRecord
+from worker.db import statements
+from worker.db.connection import KeptConnection
+from worker.db.models import LifecycleRunRecord, OutboxRecord, SessionRecord
+from worker.db.statements import JobRow
 from worker.domain.lifecycle import LifecycleState, RunKind, RunState
 from worker.logging import get_logger, redact_text
 from worker.providers.base import PermanentProviderError, TransientProviderError
+from worker.providers.broker import Publisher
 from worker.providers.registry import Providers
 from worker.routing import host_queue
 from worker.services import outbox, runs
-from worker.services.runs import JobRow
 
 log = get_logger(__name__)
 
@@ -103,123 +101,11 @@ class RunView:
     attempts: int
 
 
-class _Connection:
-    """The pooled connection a worker runs its deliveries' statements on, in autocommit:
-    every hot-path transaction is one statement (one round trip), or a few statements
-    sent together in one pipeline between an explicit ``BEGIN`` and ``COMMIT`` (still one
-    round trip; under READ COMMITTED each statement sees what committed before it ran).
-
-    Checked out from the engine's pool and kept between transactions (and deliveries),
-    except after an idle spell longer than ``CONNECTION_REUSE_SECONDS`` (a provider
-    call, a quiet worker): then it goes back to the pool and a fresh one is checked out,
-    pre-pinged by the pool. Never left inside a transaction. Driver errors are raised as
-    SQLAlchemy's (``OperationalError`` …), a broken connection is invalidated."""
-
-    __slots__ = ("_engine", "_pg", "_pid", "_sa", "_used")
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._sa: Connection | None = None
-        self._pg: psycopg.Connection[Any] | None = None
-        self._used = 0.0
-        self._pid = os.getpid()
-
-    def usable(self) -> bool:
-        """Still this process's, not closed, and not idle long enough to need a fresh
-        checkout."""
-        return (
-            self._pid == os.getpid()
-            and time.monotonic() - self._used <= CONNECTION_REUSE_SECONDS
-            and (self._pg is None or not self._pg.closed)
-            and (self._sa is None or not self._sa.invalidated)
-        )
-
-    def _checkout(self) -> psycopg.Connection[Any]:
-        if self._pg is not None and not self.usable():
-            self.close()
-        if self._pg is None:
-            sa = self._engine.connect()
-            try:
-                # Reset to the default by the pool when the connection goes back.
-                sa.execution_options(isolation_level="AUTOCOMMIT")
-                pg = sa.connection.driver_connection
-                assert isinstance(pg, psycopg.Connection)
-            except BaseException:
-                sa.close()
-                raise
-            self._sa, self._pg = sa, pg
-        return self._pg
-
-    def execute(self, sql: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
-        """One statement, committed on its own."""
-        pg = self._checkout()
-        try:
-            cur = pg.execute(sql, params)
-        except psycopg.Error as exc:
-            raise self._failed(exc) from exc
-        self._used = time.monotonic()
-        return cur
-
-    def transaction(
-        self, statements: list[tuple[str, dict[str, Any]]]
-    ) -> list[psycopg.Cursor[Any]]:
-        """``statements`` in one transaction, sent in one pipeline (one round trip); a
-        failure rolls back all of them. Returns each statement's cursor."""
-        pg = self._checkout()
-        cursors = [pg.cursor() for _ in statements]
-        try:
-            with pg.pipeline():
-                pg.execute("BEGIN")
-                for cur, (sql, params) in zip(cursors, statements, strict=True):
-                    cur.execute(sql, params)
-                pg.execute("COMMIT")
-        except psycopg.Error as exc:
-            raise self._failed(exc) from exc
-        self._used = time.monotonic()
-        return cursors
-
-    @contextlib.contextmanager
-    def orm(self) -> Iterator[sessionmaker[Session]]:
-        """ORM sessions on this connection, with ordinary transactions (the engine's
-        default isolation) for the duration: for a synchronous caller (the outbox marking
-        rows published), which then needs no pool checkout or ping."""
-        self._checkout()
-        sa = self._sa
-        assert sa is not None
-        sa.execution_options(isolation_level=self._engine.dialect.default_isolation_level)
-        try:
-            yield sessionmaker(bind=sa, expire_on_commit=False)
-        finally:
-            try:
-                sa.execution_options(isolation_level="AUTOCOMMIT")
-            except Exception:  # left inside a transaction, or broken: drop it
-                self.close()
-
-    def _failed(self, exc: psycopg.Error) -> Exception:
-        """Drop the connection (invalidated when broken; any open transaction is rolled
-        back by the pool) and return the error as SQLAlchemy raises it."""
-        dialect = self._engine.dialect
-        broken = dialect.is_disconnect(cast(Any, exc), cast(Any, self._pg), None)
-        if broken and self._sa is not None:
-            with contextlib.suppress(Exception):
-                self._sa.invalidate(exc)
-        self.close()
-        return sa_exc.DBAPIError.instance(
-            None, None, exc, psycopg.Error, connection_invalidated=broken, dialect=dialect
-        )
-
-    def close(self) -> None:
-        sa, self._sa, self._pg = self._sa, None, None
-        if sa is not None and self._pid == os.getpid():  # never a parent's, after a fork
-            with contextlib.suppress(Exception):  # a broken one is invalidated by the pool
-                sa.close()
-
-
 @dataclass
 class Claim:
     session: SessionView
     run: RunView
-    db: _Connection
+    db: KeptConnection
 
 
 class Skip(Exception):
@@ -236,225 +122,6 @@ SNAPSHOT_KINDS = (RunKind.HIBERNATE.value, RunKind.SNAPSHOT.value, RunKind.ARCHI
 
 def snapshot_key(session_id: uuid.UUID, run_id: uuid.UUID) -> str:
     return f"{session_id}-{run_id}"
-
-
-def no_active_stream() -> ColumnElement[bool]:
-    return not_(
-        exists().where(ChatRecord.session_id == S.id, ChatRecord.active_stream_id.is_not(None))
-    )
-
-
-def hibernate_due(settings: Settings) -> ColumnElement[bool]:
-    """``now >= min(hibernateAfter, sandboxExpiresAt - guard)`` (SPEC §4)."""
-    guard = timedelta(seconds=settings.hibernate_guard_seconds)
-    return or_(
-        S.hibernate_after <= func.now(),
-        S.sandbox_expires_at - guard <= func.now(),
-    )
-
-
-# ----------------------------------------------------------------- the claim statement
-_NOT_ARCHIVED = "s.lifecycle_state <> 'archived'"
-_NO_ACTIVE_STREAM = (
-    "NOT EXISTS (SELECT 1 FROM chats c"
-    " WHERE c.session_id = s.id AND c.active_stream_id IS NOT NULL)"
-)
-# hibernate_due(): now >= min(hibernateAfter, sandboxExpiresAt - guard).
-_DUE = "(s.hibernate_after <= now() OR s.sandbox_expires_at - %(guard)s <= now())"
-
-#: The condition, re-checked inside the claim, under which a run of each kind may go.
-ELIGIBILITY: dict[RunKind, str] = {
-    RunKind.PROVISION: _NOT_ARCHIVED,
-    RunKind.START: f"{_NOT_ARCHIVED} AND s.status <> 'archived' AND s.provisioned_at IS NOT NULL",
-    # Hibernation never while a chat streams; a sweep's run also only while still due.
-    RunKind.HIBERNATE: (
-        f"s.lifecycle_state = 'active' AND {_NO_ACTIVE_STREAM}"
-        f" AND ((SELECT trigger FROM run) <> 'sweep' OR {_DUE})"
-    ),
-    RunKind.SNAPSHOT: "s.lifecycle_state = 'active'",
-    RunKind.DIFF: "s.lifecycle_state = 'active'",
-    # Only while archiving is still wanted (an un-archive withdraws it).
-    RunKind.ARCHIVE: f"{_NOT_ARCHIVED} AND s.status = 'archived'",
-}
-
-#: The state the session shows while the run holds its lease.
-CLAIM_STATE: dict[RunKind, str] = {
-    RunKind.PROVISION: "'provisioning'",
-    # A start restores when there is a snapshot to restore; else it clones afresh.
-    RunKind.START: "CASE WHEN s.snapshot_url IS NOT NULL THEN 'restoring' ELSE 'provisioning' END",
-    RunKind.HIBERNATE: "'hibernating'",
-    RunKind.SNAPSHOT: "s.lifecycle_state",
-    RunKind.DIFF: "s.lifecycle_state",
-    RunKind.ARCHIVE: "s.lifecycle_state",
-}
-
-_VIEW_COLUMNS = (
-    "id, lifecycle_version, lifecycle_state, sandbox_state, snapshot_url, snapshot_created_at,"
-    " repo_owner, repo_name, branch, clone_url"
-)
-
-
-def _claim_sql(kind: RunKind) -> str:
-    """Lock the run; if it is still open, take the session's lease under every guard
-    and mark the run running — one statement. Returns one row when the run exists:
-    the run's state, kind and trigger, the claimed session's columns (NULL when the
-    guards failed) and the run's attempts after this one."""
-    return f"""
-WITH run AS (
-    SELECT state, kind, trigger FROM lifecycle_runs
-    WHERE id = %(rid)s AND session_id = %(sid)s
-    FOR UPDATE
-), claimed AS (
-    UPDATE sessions AS s SET
-        lifecycle_run_id = %(rid)s,
-        lease_expires_at = now() + %(lease)s,
-        lifecycle_state = {CLAIM_STATE[kind]},
-        updated_at = now()
-    WHERE s.id = %(sid)s
-        AND s.lifecycle_version = %(version)s
-        AND (s.lifecycle_run_id IS NULL OR s.lease_expires_at < now())
-        AND EXISTS (SELECT 1 FROM run WHERE run.state IN ('queued', 'running'))
-        AND {ELIGIBILITY[kind]}
-    RETURNING {_VIEW_COLUMNS}
-), started AS (
-    UPDATE lifecycle_runs SET
-        state = 'running',
-        attempts = attempts + 1,
-        task_id = %(task_id)s,
-        from_version = %(version)s,
-        started_at = coalesce(started_at, %(now)s),
-        updated_at = %(now)s
-    WHERE id = %(rid)s AND EXISTS (SELECT 1 FROM claimed)
-    RETURNING attempts
-)
-SELECT run.state, run.kind, run.trigger, started.attempts,
-    claimed.{_VIEW_COLUMNS.replace(", ", ", claimed.")}
-FROM run LEFT JOIN claimed ON true LEFT JOIN started ON true
-"""
-
-
-_CLAIM_SQL = {kind: _claim_sql(kind) for kind in RunKind}
-
-# ----------------------------------------------------------------- the record statement
-# Columns a run's outcome may write, and which of them are JSON.
-_RECORDABLE = frozenset(c.name for c in SessionRecord.__table__.columns) - {
-    "id",
-    "lifecycle_version",
-    "lifecycle_run_id",
-    "lease_expires_at",
-    "updated_at",
-}
-_JSON_COLUMNS = frozenset({"sandbox_state", "cached_diff", "global_skill_refs"})
-
-
-def _assignments(values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``SET`` assignments (``col = %(v_col)s``) and their parameters for ``values``."""
-    params: dict[str, Any] = {}
-    sets = []
-    for col, value in values.items():
-        if col not in _RECORDABLE:
-            raise ValueError(f"not a recordable session column: {col!r}")
-        if col in _JSON_COLUMNS:
-            sets.append(f"{col} = %(v_{col})s::jsonb")
-            params[f"v_{col}"] = None if value is None else json.dumps(value)
-        else:
-            sets.append(f"{col} = %(v_{col})s")
-            params[f"v_{col}"] = value
-    return ", ".join(sets), params
-
-
-def _record_sql(assignments: str, chain: bool) -> str:
-    """Write the outcome under the lease guard (bumping the version by 1, releasing the
-    lease) and finish the run — one statement, returning the new version (no row when
-    the lease was lost: then the run ends abandoned). With ``chain`` also the chained
-    run, queued against the new version, and its job in the outbox (returning the job's
-    id)."""
-    chained = (
-        f""", chained AS (
-    INSERT INTO lifecycle_runs (id, session_id, kind, trigger, state, attempts,
-        issued_version, created_at, updated_at)
-    SELECT %(next_id)s, %(sid)s, %(next_kind)s, 'chain', 'queued', 0,
-        done.lifecycle_version, %(now)s, %(now)s
-    FROM done
-), job AS (
-    INSERT INTO outbox {runs.JOB_COLUMNS}
-    SELECT {runs.JOB_VALUES} FROM done
-    RETURNING id
-)"""
-        if chain
-        else ""
-    )
-    return f"""
-WITH done AS (
-    UPDATE sessions SET {assignments},
-        lifecycle_version = lifecycle_version + 1,
-        lifecycle_run_id = NULL,
-        lease_expires_at = NULL,
-        updated_at = now()
-    WHERE id = %(sid)s AND lifecycle_run_id = %(rid)s AND lifecycle_version = %(version)s
-    RETURNING lifecycle_version
-), finished AS (
-    UPDATE lifecycle_runs SET
-        state = %(run_state)s,
-        error = %(error)s,
-        to_version = done.lifecycle_version,
-        finished_at = %(now)s,
-        updated_at = %(now)s
-    FROM done
-    WHERE lifecycle_runs.id = %(rid)s
-), abandoned AS (
-    -- The lease was lost: the run ends abandoned (if it still shows running).
-    UPDATE lifecycle_runs SET
-        state = 'abandoned',
-        error = 'lease lost before recording',
-        to_version = NULL,
-        finished_at = %(now)s,
-        updated_at = %(now)s
-    WHERE id = %(rid)s AND state = 'running' AND NOT EXISTS (SELECT 1 FROM done)
-){chained}
-SELECT done.lifecycle_version{", (SELECT id FROM job)" if chain else ""} FROM done
-"""
-
-
-_record_sql_cache: dict[tuple[str, bool], str] = {}
-
-
-def _record_statement(assignments: str, chain: bool) -> str:
-    key = (assignments, chain)
-    sql = _record_sql_cache.get(key)
-    if sql is None:
-        sql = _record_sql_cache[key] = _record_sql(assignments, chain)
-    return sql
-
-
-_CHECKPOINT_SQL = (
-    "UPDATE sessions SET {}, updated_at = now() WHERE id = %(sid)s AND lifecycle_run_id = %(rid)s"
-)
-
-# A run that lost its lease before its retry ends abandoned (if it still shows running).
-_ABANDON_SQL = """
-UPDATE lifecycle_runs SET state = 'abandoned', error = %(error)s, to_version = NULL,
-    finished_at = %(now)s, updated_at = %(now)s
-WHERE id = %(rid)s AND state = 'running'
-"""
-
-# A transient failure: release the lease, showing the state from before the claim ...
-_RELEASE_SQL = """
-UPDATE sessions SET lifecycle_run_id = NULL, lease_expires_at = NULL,
-    lifecycle_state = %(state)s, updated_at = now()
-WHERE id = %(sid)s AND lifecycle_run_id = %(rid)s
-"""
-# ... and keep the run queued for the retry.
-_REQUEUE_SQL = """
-UPDATE lifecycle_runs SET state = 'queued', error = %(error)s, updated_at = %(now)s
-WHERE id = %(rid)s
-"""
-
-_UNRECORDED_RUNS_SQL = """
-SELECT id FROM lifecycle_runs
-WHERE session_id = %(sid)s AND kind = ANY(%(kinds)s) AND state = ANY(%(ended)s)
-    AND from_version IS NOT NULL
-"""
 
 
 def state_before_claim(kind: RunKind, snapshot_url: str | None, current: str) -> str:
@@ -477,7 +144,7 @@ class LifecycleService:
         settings: Settings,
         factory: sessionmaker[Session],
         providers: Providers,
-        publisher: outbox.Publisher | None = None,
+        publisher: Publisher | None = None,
         *,
         hostname_queue: str | None = None,
     ) -> None:
@@ -486,16 +153,16 @@ class LifecycleService:
         self.providers = providers
         self.publisher = publisher
         self.queue = hostname_queue or host_queue()
-        # Deliveries run on the factory's engine directly (see _Connection).
+        # Deliveries run on the factory's engine directly (see KeptConnection).
         bind = getattr(factory, "kw", {}).get("bind")
         self.engine: Engine | None = bind if isinstance(bind, Engine) else None
         self._lease = timedelta(seconds=settings.lease_seconds)
         self._guard = timedelta(seconds=settings.hibernate_guard_seconds)
-        # The connection the last delivery used, for the next one (see _Connection).
-        self._spare: _Connection | None = None
+        # The connection the last delivery used, for the next one (see KeptConnection).
+        self._spare: KeptConnection | None = None
         self._spare_lock = threading.Lock()
 
-    def _connection(self) -> _Connection:
+    def _connection(self) -> KeptConnection:
         with self._spare_lock:
             db, self._spare = self._spare, None
         if db is not None and db.usable():
@@ -504,9 +171,9 @@ class LifecycleService:
             db.close()
         if self.engine is None:
             raise TypeError("the session factory must be bound to an Engine")
-        return _Connection(self.engine)
+        return KeptConnection(self.engine)
 
-    def _release(self, db: _Connection) -> None:
+    def _release(self, db: KeptConnection) -> None:
         kept = False
         with self._spare_lock:
             if self._spare is None and db.usable():
@@ -556,7 +223,7 @@ class LifecycleService:
     # ----------------------------------------------------------------- claim
     def _claim(
         self,
-        db: _Connection,
+        db: KeptConnection,
         kind: RunKind,
         sid: uuid.UUID,
         rid: uuid.UUID,
@@ -573,13 +240,13 @@ class LifecycleService:
         }
         if kind is RunKind.HIBERNATE:
             params["guard"] = self._guard
-        claim = self._claimed(db.execute(_CLAIM_SQL[kind], params).fetchone(), rid, db)
+        claim = self._claimed(db.execute(statements.CLAIM_SQL[kind], params).fetchone(), rid, db)
         if claim is not False:
             return claim
         # Open but not claimed. As one transaction: lock the run and try again (things
         # may have moved since), and if the session is still not ours say why.
         with self.factory.begin() as orm:
-            row = orm.connection().exec_driver_sql(_CLAIM_SQL[kind], params).first()
+            row = orm.connection().exec_driver_sql(statements.CLAIM_SQL[kind], params).first()
             claim = self._claimed(row, rid, db)
             if claim is not False:
                 return claim
@@ -599,7 +266,7 @@ class LifecycleService:
         raise Skip(reason)
 
     @staticmethod
-    def _claimed(row: Any, rid: uuid.UUID, db: _Connection) -> Claim | Literal[False] | None:
+    def _claimed(row: Any, rid: uuid.UUID, db: KeptConnection) -> Claim | Literal[False] | None:
         """The claim statement's row: a Claim, None (no such run, or it is finished:
         a duplicate delivery) or False (the run is open but the session was not taken)."""
         if row is None:
@@ -695,9 +362,9 @@ class LifecycleService:
         """Record captured work while still holding the lease (no transition, so no
         version bump); raises if the lease was lost, so nothing is stopped."""
         s = claim.session
-        assignments, params = _assignments(changes)
+        assignments, params = statements.assignments(changes)
         params.update(sid=s.id, rid=claim.run.id)
-        done = claim.db.execute(_CHECKPOINT_SQL.format(assignments), params).rowcount
+        done = claim.db.execute(statements.CHECKPOINT_SQL.format(assignments), params).rowcount
         if not done:
             raise TransientProviderError("lease lost while saving the snapshot")
         self._drop_superseded(claim.db, s.id, s.snapshot_url, changes.get("snapshot_url"))
@@ -705,7 +372,7 @@ class LifecycleService:
         s.snapshot_url = changes.get("snapshot_url", s.snapshot_url)
 
     def _drop_superseded(
-        self, db: _Connection, session_id: uuid.UUID, old: str | None, new: str | None
+        self, db: KeptConnection, session_id: uuid.UUID, old: str | None, new: str | None
     ) -> None:
         """After ``new`` was committed as the session's snapshot: delete the one it
         replaces, and any file an abandoned run of the session saved but never recorded."""
@@ -717,7 +384,9 @@ class LifecycleService:
         except Exception:  # a leftover file is harmless
             log.warning("lifecycle.old_snapshot_delete_failed")
 
-    def _unrecorded_snapshots(self, db: _Connection, session_id: uuid.UUID, keep: str) -> list[str]:
+    def _unrecorded_snapshots(
+        self, db: KeptConnection, session_id: uuid.UUID, keep: str
+    ) -> list[str]:
         """Snapshots that earlier runs of the session may have saved without recording
         them: runs that held the lease and then ended without succeeding (a killed worker,
         a database outage between the save and its checkpoint). The re-driven run saved
@@ -727,7 +396,7 @@ class LifecycleService:
             return []
         ended = [RunState.ABANDONED.value, RunState.SKIPPED.value, RunState.FAILED.value]
         rows = db.execute(
-            _UNRECORDED_RUNS_SQL,  # from_version is set: the run did claim the session
+            statements.UNRECORDED_RUNS_SQL,  # from_version is set: the run did claim the session
             {"sid": session_id, "kinds": list(SNAPSHOT_KINDS), "ended": ended},
         ).fetchall()
         urls = [str(url_for(snapshot_key(session_id, rid))) for (rid,) in rows]
@@ -836,7 +505,7 @@ class LifecycleService:
         # Only runs write sandbox_state, and this one holds the lease: after the update
         # it is what this run writes, else what the claim read (it routes the next job).
         sandbox_state = values.get("sandbox_state", s.sandbox_state)
-        assignments, params = _assignments(values)
+        assignments, params = statements.assignments(values)
         now = datetime.now(UTC)
         params.update(
             sid=s.id,
@@ -851,9 +520,9 @@ class LifecycleService:
         if chain is not None:
             # The chained run, queued against the version this record reaches.
             next_id = uuid.uuid4()
-            job = runs.job_for(chain, s.id, next_id, to_version, sandbox_state)
+            job = statements.job_for(chain, s.id, next_id, to_version, sandbox_state)
             params.update(job.params(), next_id=next_id, next_kind=chain.value)
-        record = _record_statement(assignments, job is not None)
+        record = statements.record_statement(assignments, job is not None)
         jobs: list[JobRow]
         if job is not None:
             row = claim.db.execute(record, params).fetchone()
@@ -864,7 +533,7 @@ class LifecycleService:
             recorded, dispatched = claim.db.transaction(
                 [
                     (record, params),
-                    runs.dispatch_next_statement(s.id, to_version, sandbox_state, rid),
+                    statements.dispatch_next_statement(s.id, to_version, sandbox_state, rid),
                 ]
             )
             row = recorded.fetchone()
@@ -910,15 +579,15 @@ class LifecycleService:
         with self.factory.begin() as orm:
             conn = orm.connection()
             released = conn.exec_driver_sql(
-                _RELEASE_SQL,
+                statements.RELEASE_SQL,
                 {"sid": claim.session.id, "rid": claim.run.id, "state": self._state_before(claim)},
             ).rowcount
             if not released:
                 lost = {"rid": claim.run.id, "error": "lease lost before retry", "now": now}
-                conn.exec_driver_sql(_ABANDON_SQL, lost)
+                conn.exec_driver_sql(statements.ABANDON_SQL, lost)
                 return Outcome("skipped", reason="lease lost before retry")
             conn.exec_driver_sql(
-                _REQUEUE_SQL, {"rid": claim.run.id, "error": message[:2000], "now": now}
+                statements.REQUEUE_SQL, {"rid": claim.run.id, "error": message[:2000], "now": now}
             )
         delay = self.backoff(attempts, retry_after)
         return Outcome(
@@ -959,7 +628,7 @@ class LifecycleService:
         if jobs and self.publisher is not None:
             outbox.publish_now(self.factory, jobs, self.publisher)
 
-    def _publish_rows(self, rows: list[JobRow], db: _Connection) -> None:
+    def _publish_rows(self, rows: list[JobRow], db: KeptConnection) -> None:
         """Publish outbox rows written with Core and committed (marking them on the
         delivery's connection)."""
         if rows and self.publisher is not None:

@@ -3,189 +3,30 @@ published after commit; the relay publishes whatever is still unpublished."""
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import json
 import os
 import queue as queue_mod
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
-from celery.utils.nodenames import anon_nodename
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.db import statements
 from worker.db.models import OutboxRecord
 from worker.logging import get_logger, redact_text
+from worker.providers.broker import Publisher
 
 log = get_logger(__name__)
 
-CLAIM_SECONDS = 30.0
+CLAIM_SECONDS = statements.CLAIM_SECONDS
 
 
-Job = tuple[str, dict[str, Any], str, str | None]  # task name, kwargs, task id, queue
 OutboxRow = tuple[int, str, dict[str, Any], str | None]  # id, task name, payload, queue
-
-
-class Publisher(Protocol):
-    """Sends one task message; raises when the broker did not accept it."""
-
-    def __call__(
-        self, task_name: str, kwargs: dict[str, Any], task_id: str, queue: str | None
-    ) -> None: ...
-
-
-class CeleryPublisher:
-    """Publishes by task name through a Celery app, failing fast when the broker is down.
-
-    After a failure it stops trying for ``cooldown`` seconds (the relay will publish), so
-    a broker outage costs the API one connect timeout, not one per request."""
-
-    def __init__(self, app: Any, cooldown: float = 2.0) -> None:
-        self.app = app
-        self.cooldown = cooldown
-        self._down_until = 0.0
-        self._lock = threading.Lock()
-        self._local = threading.local()  # the producer of the current thread's batch
-        self._pushable: bool | None = None
-        self._declared: dict[str, tuple[str, int]] = {}
-        self._origin = anon_nodename()
-
-    def __call__(
-        self, task_name: str, kwargs: dict[str, Any], task_id: str, queue: str | None
-    ) -> None:
-        self._check_up()
-        try:
-            self.app.send_task(
-                task_name,
-                kwargs=kwargs,
-                task_id=task_id,
-                queue=queue,
-                retry=False,
-                producer=getattr(self._local, "producer", None),
-                # Given, not derived: Celery's saferepr of the arguments costs a quarter
-                # of a publish, and ours are three short strings and an int.
-                argsrepr="()",
-                kwargsrepr=repr(kwargs),
-            )
-        except Exception:
-            self._mark_down()
-            raise
-
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        """Send the messages published inside in one broker round trip where the
-        transport can (Redis: one pipeline, instead of a new client and two round trips
-        per message, task and sent event). Raises on exit when the broker did not take
-        them; some may have been sent anyway, which only means a duplicate delivery."""
-        self._check_up()
-        try:
-            with self.app.producer_or_acquire() as producer:
-                batch = getattr(producer, "batch", None)  # kombu >= 5.7
-                with batch() if batch is not None else contextlib.nullcontext():
-                    self._local.producer = producer
-                    try:
-                        yield
-                    finally:
-                        self._local.producer = None
-        except Exception:
-            self._mark_down()
-            raise
-
-    def publish_many(self, jobs: Sequence[Job]) -> None:
-        """Publish ``jobs`` (task name, kwargs, task id, queue) in one broker round trip.
-
-        On Redis (without task-sent events) each message is built by Celery's own
-        protocol builder (``amqp.as_task_v2``), wrapped in the envelope kombu's Redis
-        transport stores, and all of them are pushed in one pipeline: the same bytes
-        ``send_task`` writes (a test compares them) at about a fifth of its CPU, which
-        went mostly to kombu's per-message producer machinery. Elsewhere: ``send_task``
-        in a producer batch. Raises when the broker did not take them; some may have been
-        sent anyway, which only means a duplicate delivery."""
-        self._check_up()
-        try:
-            if self._can_push():
-                self._push(jobs)
-                return
-            with self.batch():
-                for job in jobs:
-                    self(*job)
-        except Exception:
-            self._mark_down()
-            raise
-
-    def _can_push(self) -> bool:
-        if self._pushable is None:
-            conf = self.app.conf
-            scheme = str(conf.broker_url or "").split(":", 1)[0]
-            self._pushable = (
-                scheme in ("redis", "rediss")
-                and not conf.task_send_sent_event
-                and not conf.task_compression
-                and conf.task_serializer == "json"
-            )
-        return self._pushable
-
-    def _push(self, jobs: Sequence[Job]) -> None:
-        app = self.app
-        amqp = app.amqp
-        reply_to = app.thread_oid
-        default_queue = app.conf.task_default_queue
-        with app.producer_or_acquire() as producer:
-            channel = producer.channel
-            pipe = channel.client.pipeline(transaction=False)
-            for task_name, kwargs, task_id, queue in jobs:
-                qname = queue or default_queue
-                declared = self._declared.get(qname)
-                if declared is None:
-                    # As send_task does (kombu caches it per channel): the queue's
-                    # bindings, which a worker also declares when it starts.
-                    entity = amqp.queues[qname]
-                    producer.maybe_declare(entity)
-                    mode = getattr(entity.exchange, "delivery_mode", None) or 2
-                    declared = self._declared[qname] = (channel._q_for_pri(qname, 0), mode)
-                key, mode = declared
-                headers, properties, body, _ = amqp.as_task_v2(
-                    task_id,
-                    task_name,
-                    (),
-                    kwargs,
-                    reply_to=reply_to,
-                    origin=self._origin,
-                    ignore_result=None,
-                    argsrepr="()",
-                    kwargsrepr=repr(kwargs),
-                )
-                payload = json.dumps(body).encode("utf-8")
-                properties.update(
-                    delivery_mode=mode,
-                    delivery_info={"exchange": "", "routing_key": qname},
-                    priority=0,
-                    body_encoding="base64",
-                    delivery_tag=str(uuid.uuid4()),
-                )
-                message = {
-                    "body": base64.b64encode(payload).decode("ascii"),
-                    "content-encoding": "utf-8",
-                    "content-type": "application/json",
-                    "headers": headers,
-                    "properties": properties,
-                }
-                pipe.lpush(key, json.dumps(message))
-            pipe.execute()
-
-    def _check_up(self) -> None:
-        if time.monotonic() < self._down_until:
-            raise ConnectionError("broker marked unavailable; the outbox relay will publish")
-
-    def _mark_down(self) -> None:
-        with self._lock:
-            self._down_until = time.monotonic() + self.cooldown
 
 
 def add(
@@ -195,16 +36,17 @@ def add(
     *,
     queue: str | None = None,
     claim: bool = True,
+    task_id: str | None = None,
 ) -> OutboxRecord:
     """Record a job in the current transaction. With ``claim`` the caller intends to
     publish it right after commit, so the relay leaves it alone for a while."""
     now = datetime.now(UTC)
     record = OutboxRecord(
         task_name=task_name,
-        payload={"kwargs": kwargs, "task_id": str(uuid.uuid4())},
+        payload={"kwargs": kwargs, "task_id": task_id or str(uuid.uuid4())},
         queue=queue,
         created_at=now,
-        claimed_until=now + timedelta(seconds=CLAIM_SECONDS) if claim else None,
+        claimed_until=statements.claimed_until(now) if claim else None,
         attempts=0,
     )
     db.add(record)

@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, text, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.config import Settings
+from worker.db import statements
 from worker.db.models import ChatRecord, LifecycleRunRecord, OutboxRecord, SessionRecord
 from worker.domain.lifecycle import LifecycleState, RunKind, RunState, SessionStatus
 from worker.errors import Forbidden, InvalidInput, NotFound
-from worker.routing import queue_for
 from worker.services import accounts, outbox, runs
 
 _ADJECTIVES = [
@@ -177,20 +177,15 @@ def create_session(
         "created_at": now,
         "updated_at": now,
     }
-    chat_id, run_id, task_id = uuid.uuid4(), uuid.uuid4(), str(uuid.uuid4())
-    task = runs.TASK_FOR_KIND[RunKind.PROVISION]
-    kwargs = {"session_id": str(session_id), "run_id": str(run_id), "version": 0}
-    queue = queue_for(RunKind.PROVISION, values["sandbox_state"])
+    chat_id, run_id = uuid.uuid4(), uuid.uuid4()
+    job = statements.job_for(RunKind.PROVISION, session_id, run_id, 0, values["sandbox_state"])
     params = {
         **values,
         "sandbox_state": json.dumps(values["sandbox_state"]),
         "chat_id": chat_id,
         "model_id": settings.default_model_id,
         "run_id": run_id,
-        "task_name": task,
-        "payload": json.dumps({"kwargs": kwargs, "task_id": task_id}),
-        "queue": queue,
-        "claimed_until": now + timedelta(seconds=outbox.CLAIM_SECONDS),
+        **job.params(),
     }
     # One statement writes the session, its first chat, the queued provision run and the
     # run's outbox job. A generated title that collides with one of the owner's inserts
@@ -199,7 +194,7 @@ def create_session(
     for _ in range(50):
         if values["title_generated"]:
             params["title"] = values["title"] = generate_title()
-        outbox_id = conn.execute(_CREATE_SQL, params).scalar()
+        outbox_id = conn.execute(statements.CREATE_SESSION, params).scalar()
         if outbox_id is not None:
             break
     else:  # pragma: no cover - 50 collisions in a space of millions
@@ -214,41 +209,7 @@ def create_session(
         created_at=now,
         updated_at=now,
     )
-    return Created(
-        record, chat, [(int(outbox_id), task, {"kwargs": kwargs, "task_id": task_id}, queue)]
-    )
-
-
-# The session, its first chat, its provision run (queued against version 0, as
-# runs.new_run + runs.enqueue would write it) and the run's outbox job, claimed for
-# publishing right after commit (as outbox.add(claim=True) would write it).
-_CREATE_SQL = text(
-    """
-WITH s AS (
-    INSERT INTO sessions (id, user_id, organization_id, artist_id, title, title_generated,
-        status, is_new_branch, global_skill_refs, lifecycle_state, lifecycle_version,
-        repo_owner, repo_name, branch, clone_url, sandbox_state, lines_added, lines_removed,
-        created_at, updated_at)
-    VALUES (:id, :user_id, :organization_id, :artist_id, :title, :title_generated,
-        :status, :is_new_branch, '[]'::jsonb, :lifecycle_state, :lifecycle_version,
-        :repo_owner, :repo_name, :branch, :clone_url, CAST(:sandbox_state AS jsonb),
-        :lines_added, :lines_removed, :created_at, :updated_at)
-    ON CONFLICT (user_id, title) WHERE title_generated DO NOTHING
-    RETURNING id
-), c AS (
-    INSERT INTO chats (id, session_id, title, model_id, created_at, updated_at)
-    SELECT :chat_id, s.id, 'New chat', :model_id, :created_at, :created_at FROM s
-), r AS (
-    INSERT INTO lifecycle_runs (id, session_id, kind, trigger, state, attempts,
-        issued_version, created_at, updated_at)
-    SELECT :run_id, s.id, 'provision', 'create', 'queued', 0, :lifecycle_version,
-        :created_at, :created_at FROM s
-)
-INSERT INTO outbox (task_name, payload, queue, created_at, claimed_until, attempts)
-SELECT :task_name, CAST(:payload AS jsonb), :queue, :created_at, :claimed_until, 0 FROM s
-RETURNING id
-"""
-)
+    return Created(record, chat, [job.row(int(outbox_id))])
 
 
 def get_owned(

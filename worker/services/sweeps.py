@@ -23,7 +23,6 @@ from sqlalchemy import (
     exists,
     func,
     insert,
-    or_,
     select,
     update,
 )
@@ -31,11 +30,12 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.orm import Session
 
+from worker.db import statements
 from worker.db.models import LifecycleRunRecord, OutboxRecord, SessionRecord
 from worker.domain.lifecycle import OPEN_RUN_STATES, LifecycleState, RunKind, RunState
 from worker.logging import get_logger
-from worker.routing import queue_for
 from worker.services import outbox, runs
+from worker.task_names import TASK_FOR_KIND
 
 if TYPE_CHECKING:
     from worker.services.lifecycle import LifecycleService
@@ -57,26 +57,7 @@ def due_candidates_query(guard_seconds: float, batch: int) -> Any:
 
     Selects only what queueing a hibernate run needs: ``(id, lifecycle_version,
     sandbox_state)`` (the version the run is issued against, the state for routing)."""
-    from worker.services.lifecycle import no_active_stream
-
-    guard = timedelta(seconds=guard_seconds)
-    due_key = func.least(S.hibernate_after, S.sandbox_expires_at)
-    return (
-        select(S.id, S.lifecycle_version, S.sandbox_state)
-        .where(
-            S.lifecycle_state == LifecycleState.ACTIVE.value,
-            # Index condition (a superset, exact for the guard-free part) ...
-            due_key <= func.now() + guard,
-            # ... and the precise rule of SPEC §4.
-            or_(S.hibernate_after <= func.now(), S.sandbox_expires_at - guard <= func.now()),
-            S.lifecycle_run_id.is_(None),
-            no_active_stream(),
-            ~_open_run_exists(),
-        )
-        .order_by(due_key)
-        .limit(batch)
-        .with_for_update(of=S, skip_locked=True)
-    )
+    return statements.DUE_CANDIDATES.bindparams(guard=timedelta(seconds=guard_seconds), batch=batch)
 
 
 OutboxRow = tuple[int, str, dict[str, Any], str | None]
@@ -182,26 +163,25 @@ def _queue_hibernate_runs(
             "now": now,
         },
     )
-    task_name = runs.TASK_FOR_KIND[RunKind.HIBERNATE]
-    jobs: dict[str, tuple[dict[str, Any], str]] = {}  # task id -> (payload, queue)
-    for (sid, version, sandbox_state), rid in zip(due, run_ids, strict=True):
-        task_id = str(uuid.uuid4())
-        payload = {
-            "kwargs": {"session_id": str(sid), "run_id": str(rid), "version": version},
-            "task_id": task_id,
-        }
-        jobs[task_id] = (payload, queue_for(RunKind.HIBERNATE, sandbox_state))
+    jobs = {
+        job.task_id: job
+        for job in (
+            statements.job_for(RunKind.HIBERNATE, sid, rid, version, sandbox_state)
+            for (sid, version, sandbox_state), rid in zip(due, run_ids, strict=True)
+        )
+    }
+    task_name = TASK_FOR_KIND[RunKind.HIBERNATE]
     ids = conn.execute(
         _INSERT_JOBS,
         {
             "task_name": task_name,
-            "jobs": json.dumps([{"payload": p, "queue": q} for p, q in jobs.values()]),
+            "jobs": json.dumps([{"payload": j.payload, "queue": j.queue} for j in jobs.values()]),
             "now": now,
-            "claimed_until": now + timedelta(seconds=outbox.CLAIM_SECONDS),
+            "claimed_until": statements.claimed_until(now),
             "attempts": 0,
         },
     ).all()
-    return [(oid, task_name, *jobs[task_id]) for oid, task_id in sorted(ids)]
+    return [jobs[task_id].row(oid) for oid, task_id in sorted(ids)]
 
 
 def hibernate_idle(svc: LifecycleService) -> dict[str, Any]:

@@ -1,0 +1,29 @@
+"""Task names and queues: what a publisher needs, importable without building the app."""
+
+from __future__ import annotations
+
+from worker.domain.lifecycle import RunKind
+
+TASK_PROVISION = "lifecycle.provision"
+TASK_START = "lifecycle.start"
+TASK_HIBERNATE = "lifecycle.hibernate"
+TASK_SNAPSHOT = "lifecycle.snapshot"
+TASK_DIFF = "lifecycle.diff"
+TASK_ARCHIVE = "lifecycle.archive"
+
+SWEEP_HIBERNATE_IDLE = "sweeps.hibernate_idle"
+SWEEP_RELAY_OUTBOX = "sweeps.relay_outbox"
+SWEEP_REAP_RUNS = "sweeps.reap_runs"
+SWEEP_EXPIRE_SNAPSHOTS = "sweeps.expire_snapshots"
+
+DEFAULT_QUEUE = "lifecycle"
+
+#: The task that runs each kind of lifecycle run.
+TASK_FOR_KIND: dict[RunKind, str] = {
+    RunKind.PROVISION: TASK_PROVISION,
+    RunKind.START: TASK_START,
+    RunKind.HIBERNATE: TASK_HIBERNATE,
+    RunKind.SNAPSHOT: TASK_SNAPSHOT,
+    RunKind.DIFF: TASK_DIFF,
+    RunKind.ARCHIVE: TASK_ARCHIVE,
+}
