@@ -15,6 +15,7 @@ from tests.github_fake import FakeGitHubServer, start_fake_github
 from worker.config import Settings
 from worker.providers.base import (
     PermanentProviderError,
+    ProviderError,
     RepoHost,
     RepoInfo,
     TransientProviderError,
@@ -408,6 +409,26 @@ def test_validation_failure_on_create_is_permanent(
     )
     with pytest.raises(PermanentProviderError, match="name is too long"):
         host.ensure_repo(ORG, _name())
+
+
+def test_hidden_repo_is_invisible_everywhere_until_access_is_granted(
+    fake: FakeGitHubServer, host: GitHubRepoHost, tmp_path: Path
+) -> None:
+    name = _name()
+    fake.add_repo(ORG, name, visible=False)
+    repo = RepoInfo(ORG, name, host.clone_url(ORG, name), "main", False)
+    with pytest.raises(ProviderError, match="404"):
+        host.ensure_branch(repo, "session/x")
+    assert fake.stats()["responses"] == {"GET /repos/{owner}/{repo}/git/ref/{ref} 404": 1}
+    url, env = host.clone_source(repo.clone_url)
+    with pytest.raises(PermanentProviderError):
+        run_git(["clone", "--quiet", url, str(tmp_path / "hidden")], action="clone", extra_env=env)
+
+    fake.add_repo(ORG, name, visible=True)  # the token is granted access
+    info = host.ensure_repo(ORG, name)
+    assert info.created is False
+    assert host.ensure_branch(info, "session/x").created is True
+    assert fake.stats()["repos_created"] == 0  # created by "someone else", never by us
 
 
 def test_timeout_is_transient(fake: FakeGitHubServer) -> None:
