@@ -4,6 +4,14 @@ Saving streams ``tar -C <dir> -cf - .`` through the ``zstd`` binary when it is o
 (multi-threaded, checksummed) or through the ``zstandard`` library otherwise, into a
 temporary file that is fsynced and atomically renamed to ``<root>/<key>.tar.zst``.
 
+**Links are never followed.** The sandbox directory itself must not be a symbolic link
+(refused, not followed); ``tar`` runs without ``-h``/``--dereference`` and
+``--hard-dereference``, so symbolic links are stored as links whatever they point at
+(a virtualenv's ``bin/python -> /usr/bin/python3``) and nothing outside the tree is
+read. FIFOs and device files are left out of the archive (a sandbox's sockets are
+skipped by tar): they are dropped from tar's output stream as it is compressed, so one
+created while the snapshot runs is dropped too.
+
 Restoring never trusts the archive. A first pass decompresses and reads every member
 header *before anything is written*, and refuses the archive unless every member:
 
@@ -61,6 +69,22 @@ _COPY_CHUNK = 1 << 20
 # (runs of one byte), so this bounds the memory a hostile archive can make us use.
 _DECOMPRESS_INPUT_CHUNK = 2048
 _MAX_SYMLINK_HOPS = 40
+_TAR_BLOCK = 512
+_ZERO_BLOCK = bytes(_TAR_BLOCK)
+# Tar types left out when saving: character and block devices, FIFOs.
+_SPECIAL_TYPES = (tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE)
+# Headers that describe the member after them (GNU long name/link, pax extended).
+_PREFIX_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE)
+# Types whose size field is not followed by data (as tarfile and GNU tar read them).
+_NO_DATA_TYPES = (
+    tarfile.LNKTYPE,
+    tarfile.SYMTYPE,
+    tarfile.CHRTYPE,
+    tarfile.BLKTYPE,
+    tarfile.DIRTYPE,
+    tarfile.FIFOTYPE,
+)
+_MAX_HELD_PREFIX = 1 << 20
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # GNU tar exits 1 when a file changed while it was read (a live sandbox); the archive is
 # still complete and valid.
@@ -230,6 +254,131 @@ def _stays_inside(start: list[str], link: str, symlinks: dict[tuple[str, ...], s
     return True
 
 
+def _octal_field(field: bytes) -> int:
+    """A numeric tar header field: octal text, or GNU base-256 (high bit set)."""
+    if field and field[0] & 0x80:
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * (len(field) - 1))) if field[0] & 0x40 else value
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    return int(text or b"0", 8)
+
+
+def _header_ok(block: bytes) -> bool:
+    """Whether a 512-byte block is a tar header with a valid checksum."""
+    try:
+        stored = _octal_field(block[148:156])
+    except ValueError:
+        return False
+    unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+    return stored == unsigned
+
+
+class _DropSpecialMembers:
+    """Filter a tar stream: FIFO and device members (and the long-name or pax headers
+    that describe them) are dropped, everything else passes through byte for byte.
+
+    Fed the stream in chunks of any size. Whatever it cannot parse (a bad checksum, an
+    oversized extension header) is passed through unchanged from there on, so the filter
+    never corrupts an archive; a restore then judges it as usual.
+    """
+
+    def __init__(self) -> None:
+        self._header = bytearray()  # a header being collected
+        self._held = bytearray()  # extension headers waiting for their member
+        self._copy = 0  # bytes of data to pass on (into _held while holding)
+        self._holding = False
+        self._skip = 0  # bytes of data of a dropped member
+        self._sparse_ext = False  # GNU sparse extension blocks follow
+        self._sparse_data = 0
+        self._through = False  # end of archive reached, or gave up parsing
+        self.dropped = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if self._through and not self._header and not self._held:
+            return data
+        out = bytearray()
+        view = memoryview(data)
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._through:
+                out += view[pos:]
+                break
+            if self._copy:
+                n = min(self._copy, size - pos)
+                (self._held if self._holding else out).extend(view[pos : pos + n])
+                self._copy -= n
+                pos += n
+                if self._holding and len(self._held) > _MAX_HELD_PREFIX:
+                    self._give_up(out)
+                continue
+            if self._skip:
+                n = min(self._skip, size - pos)
+                self._skip -= n
+                pos += n
+                continue
+            n = min(_TAR_BLOCK - len(self._header), size - pos)
+            self._header += view[pos : pos + n]
+            pos += n
+            if len(self._header) == _TAR_BLOCK:
+                block = bytes(self._header)
+                self._header.clear()
+                self._on_block(block, out)
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        """Anything held back at the end of the stream (only for a truncated stream)."""
+        rest = bytes(self._held + self._header)
+        self._held.clear()
+        self._header.clear()
+        return rest
+
+    def _give_up(self, out: bytearray, block: bytes = b"") -> None:
+        """Pass everything on unchanged from here: what is held, ``block``, the rest."""
+        out += self._held
+        out += block
+        self._held.clear()
+        self._holding = False
+        self._through = True
+
+    def _on_block(self, block: bytes, out: bytearray) -> None:
+        if self._sparse_ext:  # GNU sparse map continuation: isextended at byte 504
+            out += block
+            if not block[504]:
+                self._sparse_ext = False
+                self._copy = self._sparse_data
+            return
+        if block == _ZERO_BLOCK or not _header_ok(block):
+            self._give_up(out, block)  # the end marker (only padding follows), or junk
+            return
+        kind = block[156:157]
+        try:
+            size = _octal_field(block[124:136])
+        except ValueError:
+            size = -1
+        if size < 0:
+            self._give_up(out, block)
+            return
+        data = 0 if kind in _NO_DATA_TYPES else -(-size // _TAR_BLOCK) * _TAR_BLOCK
+        if kind in _PREFIX_TYPES:
+            self._held += block
+            self._copy, self._holding = data, True
+            return
+        if kind in _SPECIAL_TYPES:
+            self._held.clear()
+            self._holding = False
+            self._skip = data
+            self.dropped += 1
+            return
+        out += self._held
+        out += block
+        self._held.clear()
+        self._holding = False
+        if kind == tarfile.GNUTYPE_SPARSE and block[482]:
+            self._sparse_ext, self._sparse_data = True, data
+        else:
+            self._copy = data
+
+
 class FileSnapshotStore:
     """:class:`~worker.providers.base.SnapshotStore` over ``.tar.zst`` files on disk."""
 
@@ -298,7 +447,18 @@ class FileSnapshotStore:
     def save(self, key: str, source_dir: Path) -> SnapshotInfo:
         final = self.path_for(key)
         source = Path(source_dir)
-        if not source.is_dir():
+        try:
+            source_mode = source.lstat().st_mode
+        except FileNotFoundError:
+            source_mode = 0
+        except OSError as exc:
+            raise self._os_error(f"cannot snapshot {key}", exc) from exc
+        if stat.S_ISLNK(source_mode):
+            raise PermanentProviderError(
+                f"cannot snapshot {key}: the source directory is a symbolic link, "
+                "which the worker does not follow"
+            )
+        if not stat.S_ISDIR(source_mode):
             raise PermanentProviderError(f"cannot snapshot {key}: source directory is missing")
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +535,7 @@ class FileSnapshotStore:
         if self._tar_bin is None:
             self._write_with_tarfile(source, out)
             return
+        # No -h/--dereference, no --hard-dereference: links are stored as links.
         tar_cmd = [self._tar_bin, "-C", str(source), "--numeric-owner", "-cf", "-", "."]
         env = {**os.environ, "LC_ALL": "C"}
         with tempfile.TemporaryFile() as tar_err, tempfile.TemporaryFile() as zstd_err:
@@ -386,18 +547,24 @@ class FileSnapshotStore:
                     zstd_cmd = [self._zstd_bin, "-q", f"-{self._level}", "-T0", "-c"]
                     if self._level > 19:
                         zstd_cmd.insert(1, "--ultra")
+                    zstd = subprocess.Popen(
+                        zstd_cmd, stdin=subprocess.PIPE, stdout=out, stderr=zstd_err, env=env
+                    )
+                    assert zstd.stdin is not None
                     try:
-                        zstd = subprocess.Popen(
-                            zstd_cmd, stdin=tar.stdout, stdout=out, stderr=zstd_err, env=env
-                        )
+                        self._pump(tar.stdout, zstd.stdin)
+                    except BrokenPipeError:
+                        pass  # zstd stopped early: its exit status says why
                     finally:
-                        tar.stdout.close()  # zstd holds the pipe now
-                    zstd_rc = zstd.wait()
+                        with contextlib.suppress(BrokenPipeError):
+                            zstd.stdin.close()
+                        zstd_rc = zstd.wait()
                 else:
                     cctx = zstandard.ZstdCompressor(
                         level=self._level, threads=-1, write_checksum=True
                     )
-                    cctx.copy_stream(tar.stdout, out, read_size=_COPY_CHUNK, write_size=_COPY_CHUNK)
+                    with cctx.stream_writer(out, closefd=False) as writer:
+                        self._pump(tar.stdout, writer)
             finally:
                 tar.stdout.close()
                 tar_rc = tar.wait()
@@ -417,14 +584,28 @@ class FileSnapshotStore:
             detail = _tail(tar_msg) or f"exit status {tar_rc}"
             raise PermanentProviderError(f"cannot write snapshot {key}: tar failed: {detail}")
 
+    @staticmethod
+    def _pump(tar_out: IO[bytes], sink: IO[bytes]) -> None:
+        """Copy tar's output to the compressor without FIFOs and devices."""
+        drop = _DropSpecialMembers()
+        while chunk := tar_out.read(_COPY_CHUNK):
+            sink.write(drop.feed(chunk))
+        if rest := drop.finish():
+            sink.write(rest)
+
     def _write_with_tarfile(self, source: Path, out: IO[bytes]) -> None:
-        """Fallback when there is no ``tar`` binary: Python's tarfile, same layout."""
+        """Fallback when there is no ``tar`` binary: Python's tarfile, same layout
+        (``add`` reads links with ``lstat``: stored as links, never followed)."""
+
+        def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+            return None if info.type in _SPECIAL_TYPES else info
+
         cctx = zstandard.ZstdCompressor(level=self._level, threads=-1, write_checksum=True)
         with (
             cctx.stream_writer(out, closefd=False) as writer,
             tarfile.open(fileobj=writer, mode="w|", format=tarfile.GNU_FORMAT) as tf,
         ):
-            tf.add(str(source), arcname=".", recursive=True)
+            tf.add(str(source), arcname=".", recursive=True, filter=keep)
 
     @staticmethod
     def _remove_stale_temps(final: Path) -> None:
