@@ -8,26 +8,35 @@ temporary file that is fsynced and atomically renamed to ``<root>/<key>.tar.zst`
 (refused, not followed); ``tar`` runs without ``-h``/``--dereference`` and
 ``--hard-dereference``, so symbolic links are stored as links whatever they point at
 (a virtualenv's ``bin/python -> /usr/bin/python3``) and nothing outside the tree is
-read. FIFOs and device files are left out of the archive (a sandbox's sockets are
-skipped by tar): they are dropped from tar's output stream as it is compressed, so one
-created while the snapshot runs is dropped too.
+read. FIFOs and device files are left out of the archive (a restore refuses them; a
+sandbox's sockets are skipped by tar): they are dropped from tar's output stream as it
+is compressed, so one created while the snapshot runs is dropped too.
 
 Restoring never trusts the archive. A first pass decompresses and reads every member
 header *before anything is written*, and refuses the archive unless every member:
 
-* has a relative name without ``..`` components;
-* is a directory, regular file, symbolic link, hard link or FIFO (no devices);
-* is not below a symbolic link or a non-directory member of the archive;
+* has a non-empty relative name without ``..`` components (``.`` only as a directory:
+  the sandbox directory itself);
+* is a directory, regular file, symbolic link or hard link (no devices, no FIFOs);
+* does not pass through a symbolic link of the archive (``a -> /etc`` then
+  ``a/passwd``), nor through a non-directory member; a hard link to a symbolic link
+  counts as a symbolic link;
 * appears once (directories may repeat);
-* if a symbolic link: has a relative target that, resolved through all the archive's
-  other symbolic links exactly as the kernel would, stays inside the target directory;
-* if a hard link: points at an earlier file or link member of the archive.
+* if a symbolic link: has a non-empty target. The target may be anything (absolute,
+  ``..``, dangling): the link is restored as a link and never followed;
+* if a hard link: points, by a relative path that passes through no symbolic link, at
+  an earlier file, hard link or symbolic link member of the archive.
 
 The zstd frames must be complete with valid checksums and nothing but tar padding may
 follow the end of the archive; otherwise the archive is reported corrupt. A second pass
-then extracts with ``O_EXCL | O_NOFOLLOW`` into the (empty or new) target directory.
-Permissions are restored without setuid/setgid/sticky bits and ownership is never
-changed. On any failure the target directory is left as it was found.
+then extracts into the (empty or new) target directory: directories component by
+component (an existing non-directory on the way is refused, never followed), regular
+files with ``O_EXCL | O_NOFOLLOW``, hard links to files; then, after every regular file
+and directory, the symbolic links (and hard links to them); directory permissions and
+times last, through ``O_NOFOLLOW`` descriptors. Since no symbolic link exists until
+everything else is written, and no member passes through one, extraction never writes
+through a link. Permissions are restored without setuid/setgid/sticky bits and
+ownership is never changed. On any failure the target directory is left as it was found.
 """
 
 from __future__ import annotations
@@ -68,10 +77,9 @@ _COPY_CHUNK = 1 << 20
 # Compressed bytes fed to the decompressor per call. zstd can expand input ~32768x
 # (runs of one byte), so this bounds the memory a hostile archive can make us use.
 _DECOMPRESS_INPUT_CHUNK = 2048
-_MAX_SYMLINK_HOPS = 40
 _TAR_BLOCK = 512
 _ZERO_BLOCK = bytes(_TAR_BLOCK)
-# Tar types left out when saving: character and block devices, FIFOs.
+# Tar types a restore refuses, left out when saving: character/block devices, FIFOs.
 _SPECIAL_TYPES = (tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE)
 # Headers that describe the member after them (GNU long name/link, pax extended).
 _PREFIX_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE)
@@ -95,16 +103,25 @@ class _CorruptArchive(Exception):
     """The archive cannot be decoded (raised inside the reader, reported as permanent)."""
 
 
+class _UnsafeOnDisk(Exception):
+    """Extraction met a non-directory where it needs a directory (never followed)."""
+
+
 @dataclass(frozen=True)
 class _Entry:
     """One validated archive member."""
 
     raw_name: str
     name: str  # normalized, relative to the target; "" is the target itself
-    kind: str  # dir | file | symlink | hardlink | fifo
+    kind: str  # dir | file | symlink | hardlink (to a file) | symhardlink (to a symlink)
     link: str  # symlink target (verbatim) or hard-link source (normalized name)
     mode: int
     mtime: float
+
+    @property
+    def is_link(self) -> bool:
+        """Made after every file and directory: a symbolic link or a hard link to one."""
+        return self.kind in ("symlink", "symhardlink")
 
 
 def _show(value: str, limit: int = 200) -> str:
@@ -218,40 +235,6 @@ def _normalize(name: str) -> list[str] | None:
     if ".." in parts:
         return None
     return parts
-
-
-def _stays_inside(start: list[str], link: str, symlinks: dict[tuple[str, ...], str]) -> bool:
-    """Whether following ``link`` from directory ``start`` stays inside the root.
-
-    Emulates the kernel's path walk over the archive's final tree: each component that
-    is a symbolic link is replaced by its target, ``..`` climbs the *resolved* path.
-    A loop (too many hops) never resolves anywhere, so it cannot leave the root.
-    """
-    if link.startswith("/"):
-        return False
-    resolved = list(start)
-    pending = list(reversed(link.split("/")))
-    hops = 0
-    while pending:
-        part = pending.pop()
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not resolved:
-                return False
-            resolved.pop()
-            continue
-        resolved.append(part)
-        target = symlinks.get(tuple(resolved))
-        if target is not None:
-            hops += 1
-            if hops > _MAX_SYMLINK_HOPS:
-                return True
-            if target.startswith("/"):
-                return False
-            resolved.pop()
-            pending.extend(reversed(target.split("/")))
-    return True
 
 
 def _octal_field(field: bytes) -> int:
@@ -623,11 +606,10 @@ class FileSnapshotStore:
         reader = _ZstdReader(fh)
         entries: list[_Entry] = []
         kinds: dict[str, str] = {}
-        symlinks: dict[tuple[str, ...], str] = {}
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tf:
                 for member in tf:
-                    entries.append(self._check_member(key, member, kinds, symlinks))
+                    entries.append(self._check_member(key, member, kinds))
                 end = tf.offset
             reader.drain()
         except _CorruptArchive as exc:
@@ -640,27 +622,25 @@ class FileSnapshotStore:
             )
         if not entries:
             raise PermanentProviderError(f"snapshot {key} is corrupt: it holds no files")
-        for entry in entries:
-            if entry.kind == "symlink":
-                start = entry.name.split("/")[:-1]
-                if not _stays_inside(start, entry.link, symlinks):
-                    raise PermanentProviderError(
-                        f"snapshot {key} refused: member '{_show(entry.raw_name)}' is a symbolic "
-                        f"link to '{_show(entry.link)}', which points outside the sandbox"
-                    )
         return entries
 
     @staticmethod
-    def _check_member(
-        key: str,
-        member: tarfile.TarInfo,
-        kinds: dict[str, str],
-        symlinks: dict[tuple[str, ...], str],
-    ) -> _Entry:
+    def _check_member(key: str, member: tarfile.TarInfo, kinds: dict[str, str]) -> _Entry:
+        """One member against the rules in the module docstring. ``kinds`` maps every
+        path the earlier members made (``dir`` also for implied parents) to its kind,
+        ``symlink`` for symbolic links and hard links to them: the archive's links."""
         raw = member.name
 
         def refuse(reason: str) -> PermanentProviderError:
             return PermanentProviderError(f"snapshot {key} refused: member '{_show(raw)}' {reason}")
+
+        def through_link(parts: list[str]) -> str | None:
+            """The first proper prefix of ``parts`` that is a link of the archive."""
+            for depth in range(1, len(parts)):
+                prefix = "/".join(parts[:depth])
+                if kinds.get(prefix) == "symlink":
+                    return prefix
+            return None
 
         if not raw or "\x00" in raw:
             raise refuse("has an empty or invalid name")
@@ -679,25 +659,27 @@ class FileSnapshotStore:
             link = member.linkname
             if not link or "\x00" in link:
                 raise refuse("is a symbolic link with an empty target")
-            if link.startswith("/"):
-                raise refuse(
-                    f"is a symbolic link to the absolute path '{_show(link)}' outside the sandbox"
-                )
         elif member.islnk():
-            kind = "hardlink"
             source = _normalize(member.linkname)
             if source is None or not source:
                 raise refuse(f"is a hard link to '{_show(member.linkname)}', outside the sandbox")
             link = "/".join(source)
-            # Only files: a hard link to a symbolic link would be that link re-rooted in
-            # another directory, where its relative target could point elsewhere.
-            if kinds.get(link) not in ("file", "hardlink"):
+            via = through_link(source)
+            if via is not None:
+                raise refuse(
+                    f"is a hard link to '{_show(member.linkname)}', through the symbolic "
+                    f"link '{_show(via)}'"
+                )
+            target_kind = kinds.get(link)
+            if target_kind not in ("file", "symlink"):
                 raise refuse(
                     f"is a hard link to '{_show(member.linkname)}', which is not an earlier "
-                    "file of the snapshot"
+                    "file or link of the snapshot"
                 )
+            # A hard link to a symbolic link is that link under another name.
+            kind = "hardlink" if target_kind == "file" else "symhardlink"
         elif member.isfifo():
-            kind = "fifo"
+            raise refuse("is a FIFO (named pipe)")
         elif member.ischr() or member.isblk():
             raise refuse("is a device file")
         else:
@@ -719,10 +701,12 @@ class FileSnapshotStore:
                 raise refuse(f"is below '{_show(prefix)}', which is not a directory")
         seen = kinds.get(name)
         if seen is not None and not (seen == "dir" and kind == "dir"):
+            if seen == "dir" and kind in ("symlink", "symhardlink"):
+                raise refuse(
+                    "is a link, but earlier members are below it (they would be written through it)"
+                )
             raise refuse("appears more than once in the snapshot")
-        kinds[name] = kind
-        if kind == "symlink":
-            symlinks[tuple(parts)] = link
+        kinds[name] = {"hardlink": "file", "symhardlink": "symlink"}.get(kind, kind)
         return _Entry(
             raw_name=raw,
             name=name,
@@ -733,7 +717,8 @@ class FileSnapshotStore:
         )
 
     def _extract(self, key: str, fh: BinaryIO, plan: list[_Entry], target: Path) -> None:
-        """Extraction pass over the members the scan accepted, in the same order."""
+        """Extraction pass over the members the scan accepted, in the same order; the
+        links after everything else, directory permissions and times last."""
         root = str(target)
         dirs: list[tuple[str, _Entry]] = []
         made: set[str] = {root}  # directories known to exist (saves a mkdir per file)
@@ -745,13 +730,9 @@ class FileSnapshotStore:
                         raise _CorruptArchive("it changed while being restored")
                     entry = plan[index]
                     index += 1
-                    path = os.path.join(root, entry.name) if entry.name else root
-                    try:
-                        self._extract_one(tf, member, entry, root, path, dirs, made)
-                    except OSError as exc:
-                        raise self._os_error(
-                            f"cannot restore snapshot {key}: member '{_show(entry.raw_name)}'", exc
-                        ) from None
+                    if entry.is_link:
+                        continue
+                    self._restore_member(key, entry, root, made, dirs, tf, member)
         except _CorruptArchive as exc:
             raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
         except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
@@ -763,6 +744,16 @@ class FileSnapshotStore:
                 f"snapshot {key} is corrupt: it changed while being restored"
             )
 
+        # Every regular file and directory exists: now the links, symbolic ones first
+        # (a hard link to a symbolic link needs it). Nothing is written after them but
+        # directory modes and times, through descriptors that refuse a link.
+        for entry in plan:
+            if entry.kind == "symlink":
+                self._restore_member(key, entry, root, made, dirs)
+        for entry in plan:
+            if entry.kind == "symhardlink":
+                self._restore_member(key, entry, root, made, dirs)
+
         # Directory permissions and times last, deepest first, so that read-only
         # directories did not block their own contents.
         def depth(item: tuple[str, _Entry]) -> int:
@@ -771,51 +762,91 @@ class FileSnapshotStore:
 
         for path, entry in sorted(dirs, key=depth, reverse=True):
             try:
-                os.chmod(path, entry.mode)
-                os.utime(path, (entry.mtime, entry.mtime))
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    os.fchmod(fd, entry.mode)
+                    os.utime(fd, (entry.mtime, entry.mtime))
+                finally:
+                    os.close(fd)
             except OSError as exc:
                 raise self._os_error(f"cannot restore snapshot {key}", exc) from None
 
-    @staticmethod
-    def _extract_one(
-        tf: tarfile.TarFile,
-        member: tarfile.TarInfo,
+    def _restore_member(
+        self,
+        key: str,
         entry: _Entry,
         root: str,
-        path: str,
+        made: set[str],
+        dirs: list[tuple[str, _Entry]],
+        tf: tarfile.TarFile | None = None,
+        member: tarfile.TarInfo | None = None,
+    ) -> None:
+        """:meth:`_extract_one` with its failures as provider errors naming the member."""
+        try:
+            self._extract_one(tf, member, entry, root, dirs, made)
+        except _UnsafeOnDisk as exc:
+            raise PermanentProviderError(
+                f"snapshot {key} refused: member '{_show(entry.raw_name)}' {exc}"
+            ) from None
+        except OSError as exc:
+            raise self._os_error(
+                f"cannot restore snapshot {key}: member '{_show(entry.raw_name)}'", exc
+            ) from None
+
+    @staticmethod
+    def _make_dirs(root: str, rel: str, made: set[str]) -> str:
+        """``root/rel`` as a directory, made one component at a time. Anything on the way
+        that exists and is not a directory (a link above all) is refused, never followed.
+        ``made`` remembers the directories known to exist."""
+        path = os.path.join(root, rel) if rel else root
+        if path in made:
+            return path
+        current = root
+        for part in rel.split("/"):
+            current = os.path.join(current, part)
+            if current in made:
+                continue
+            try:
+                os.mkdir(current, 0o700)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(current).st_mode):
+                    shown = _show(os.path.relpath(current, root))
+                    raise _UnsafeOnDisk(
+                        f"would be written through '{shown}', which is not a directory"
+                    ) from None
+            made.add(current)
+        return path
+
+    def _extract_one(
+        self,
+        tf: tarfile.TarFile | None,
+        member: tarfile.TarInfo | None,
+        entry: _Entry,
+        root: str,
         dirs: list[tuple[str, _Entry]],
         made: set[str],
     ) -> None:
         # The scan guarantees nothing replaces a directory once made, so a directory in
         # ``made`` stays one: skip the (slow on some filesystems) mkdir of every parent.
         if entry.kind == "dir":
-            if path not in made:
-                os.makedirs(path, mode=0o700, exist_ok=True)
-                made.add(path)
-            dirs.append((path, entry))
+            dirs.append((self._make_dirs(root, entry.name, made), entry))
             return
-        parent = os.path.dirname(path)
-        if parent not in made:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-            made.add(parent)
+        parent, _, base = entry.name.rpartition("/")
+        path = os.path.join(self._make_dirs(root, parent, made), base)
         if entry.kind == "file":
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(path, flags, 0o600)
             with os.fdopen(fd, "wb", buffering=0) as out:
-                data = tf.extractfile(member)
+                data = tf.extractfile(member) if tf is not None and member is not None else None
                 if data is not None:
                     shutil.copyfileobj(data, out, _COPY_CHUNK)
                 os.fchmod(fd, entry.mode)
                 os.utime(fd, (entry.mtime, entry.mtime))
         elif entry.kind == "symlink":
-            os.symlink(entry.link, path)
+            os.symlink(entry.link, path)  # never follows: the link itself is created
             os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
-        elif entry.kind == "hardlink":
+        else:  # hardlink, symhardlink: link the member itself, not what it points at
             os.link(os.path.join(root, entry.link), path, follow_symlinks=False)
-        elif entry.kind == "fifo":
-            os.mkfifo(path, entry.mode)
-            os.chmod(path, entry.mode)
-            os.utime(path, (entry.mtime, entry.mtime))
 
     @staticmethod
     def _undo(target: Path, mode: int | None) -> None:
