@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -137,6 +138,15 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _widen_pipe(pipe: IO[bytes]) -> None:
+    """Give a pipe 1 MiB of buffer (Linux; 64 KiB by default), so that the Python pump
+    between tar and zstd moves big chunks and neither side waits on it. Best effort."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(pipe.fileno(), set_size, _COPY_CHUNK)
 
 
 def _tail(data: bytes, lines: int = 3) -> str:
@@ -260,15 +270,16 @@ class _DropSpecialMembers:
     """Filter a tar stream: FIFO and device members (and the long-name or pax headers
     that describe them) are dropped, everything else passes through byte for byte.
 
-    Fed the stream in chunks of any size. Whatever it cannot parse (a bad checksum, an
-    oversized extension header) is passed through unchanged from there on, so the filter
-    never corrupts an archive; a restore then judges it as usual.
+    Fed the stream in chunks of any size; a chunk with nothing to drop comes back as it
+    is (no copy). Whatever it cannot parse (a bad checksum, an oversized extension
+    header) is passed through unchanged from there on, so the filter never corrupts an
+    archive; a restore then judges it as usual.
     """
 
     def __init__(self) -> None:
-        self._header = bytearray()  # a header being collected
-        self._held = bytearray()  # extension headers waiting for their member
-        self._copy = 0  # bytes of data to pass on (into _held while holding)
+        self._header = bytearray()  # a header split between chunks
+        self._held = bytearray()  # extension headers (and data) waiting for their member
+        self._copy = 0  # bytes of member data to pass on (into _held while holding)
         self._holding = False
         self._skip = 0  # bytes of data of a dropped member
         self._sparse_ext = False  # GNU sparse extension blocks follow
@@ -277,36 +288,72 @@ class _DropSpecialMembers:
         self.dropped = 0
 
     def feed(self, data: bytes) -> bytes:
-        if self._through and not self._header and not self._held:
+        if self._through and not self._header:
             return data
-        out = bytearray()
         view = memoryview(data)
-        pos, size = 0, len(data)
-        while pos < size:
-            if self._through:
-                out += view[pos:]
-                break
-            if self._copy:
+        size = len(data)
+        pieces: list[bytes | memoryview] = []
+        pos = run = 0  # data[run:pos] passes through as it is
+
+        def cut(at: int) -> None:
+            if at > run:
+                pieces.append(view[run:at])
+
+        while pos < size and not self._through:
+            if self._copy and not self._holding:
                 n = min(self._copy, size - pos)
-                (self._held if self._holding else out).extend(view[pos : pos + n])
                 self._copy -= n
                 pos += n
-                if self._holding and len(self._held) > _MAX_HELD_PREFIX:
-                    self._give_up(out)
                 continue
-            if self._skip:
-                n = min(self._skip, size - pos)
-                self._skip -= n
-                pos += n
+            if self._copy or self._skip:  # held data, or a dropped member's data
+                cut(pos)
+                n = min(self._copy or self._skip, size - pos)
+                if self._copy:
+                    self._held += view[pos : pos + n]
+                    self._copy -= n
+                else:
+                    self._skip -= n
+                pos = run = pos + n
+                if len(self._held) > _MAX_HELD_PREFIX:
+                    pieces.append(bytes(self._held))
+                    self._held.clear()
+                    self._holding, self._through = False, True
                 continue
+            if not self._header and size - pos >= _TAR_BLOCK:  # a whole header here
+                action = self._classify(data[pos : pos + _TAR_BLOCK])
+                if action == "pass" and not self._held:
+                    pos += _TAR_BLOCK
+                    continue
+                cut(pos)
+                if action == "pass":
+                    pieces.append(bytes(self._held))
+                    self._held.clear()
+                    run = pos
+                elif action == "hold":
+                    self._held += view[pos : pos + _TAR_BLOCK]
+                    run = pos + _TAR_BLOCK
+                else:  # drop
+                    run = pos + _TAR_BLOCK
+                pos += _TAR_BLOCK
+                continue
+            # A header split between chunks: collect it, then place it like above.
+            cut(pos)
             n = min(_TAR_BLOCK - len(self._header), size - pos)
             self._header += view[pos : pos + n]
-            pos += n
+            pos = run = pos + n
             if len(self._header) == _TAR_BLOCK:
                 block = bytes(self._header)
                 self._header.clear()
-                self._on_block(block, out)
-        return bytes(out)
+                action = self._classify(block)
+                if action == "pass":
+                    pieces += (bytes(self._held), block)
+                    self._held.clear()
+                elif action == "hold":
+                    self._held += block
+        if not pieces and run == 0:
+            return data
+        cut(size)
+        return b"".join(pieces)
 
     def finish(self) -> bytes:
         """Anything held back at the end of the stream (only for a truncated stream)."""
@@ -315,51 +362,41 @@ class _DropSpecialMembers:
         self._header.clear()
         return rest
 
-    def _give_up(self, out: bytearray, block: bytes = b"") -> None:
-        """Pass everything on unchanged from here: what is held, ``block``, the rest."""
-        out += self._held
-        out += block
-        self._held.clear()
-        self._holding = False
-        self._through = True
-
-    def _on_block(self, block: bytes, out: bytearray) -> None:
+    def _classify(self, block: bytes) -> str:
+        """What to do with a header block: ``pass`` it on (after what is held),
+        ``hold`` it until its member is known, or ``drop`` it; sets what follows."""
         if self._sparse_ext:  # GNU sparse map continuation: isextended at byte 504
-            out += block
             if not block[504]:
                 self._sparse_ext = False
                 self._copy = self._sparse_data
-            return
+            return "pass"
         if block == _ZERO_BLOCK or not _header_ok(block):
-            self._give_up(out, block)  # the end marker (only padding follows), or junk
-            return
+            self._through = True  # the end marker (only padding follows), or junk
+            self._holding = False
+            return "pass"
         kind = block[156:157]
         try:
             size = _octal_field(block[124:136])
         except ValueError:
             size = -1
         if size < 0:
-            self._give_up(out, block)
-            return
+            self._through, self._holding = True, False
+            return "pass"
         data = 0 if kind in _NO_DATA_TYPES else -(-size // _TAR_BLOCK) * _TAR_BLOCK
         if kind in _PREFIX_TYPES:
-            self._held += block
             self._copy, self._holding = data, True
-            return
+            return "hold"
+        self._holding = False
         if kind in _SPECIAL_TYPES:
             self._held.clear()
-            self._holding = False
             self._skip = data
             self.dropped += 1
-            return
-        out += self._held
-        out += block
-        self._held.clear()
-        self._holding = False
+            return "drop"
         if kind == tarfile.GNUTYPE_SPARSE and block[482]:
             self._sparse_ext, self._sparse_data = True, data
         else:
             self._copy = data
+        return "pass"
 
 
 class FileSnapshotStore:
@@ -524,6 +561,7 @@ class FileSnapshotStore:
         with tempfile.TemporaryFile() as tar_err, tempfile.TemporaryFile() as zstd_err:
             tar = subprocess.Popen(tar_cmd, stdout=subprocess.PIPE, stderr=tar_err, env=env)
             assert tar.stdout is not None
+            _widen_pipe(tar.stdout)
             zstd_rc = 0
             try:
                 if self._zstd_bin is not None:
@@ -534,6 +572,7 @@ class FileSnapshotStore:
                         zstd_cmd, stdin=subprocess.PIPE, stdout=out, stderr=zstd_err, env=env
                     )
                     assert zstd.stdin is not None
+                    _widen_pipe(zstd.stdin)
                     try:
                         self._pump(tar.stdout, zstd.stdin)
                     except BrokenPipeError:
@@ -571,7 +610,8 @@ class FileSnapshotStore:
     def _pump(tar_out: IO[bytes], sink: IO[bytes]) -> None:
         """Copy tar's output to the compressor without FIFOs and devices."""
         drop = _DropSpecialMembers()
-        while chunk := tar_out.read(_COPY_CHUNK):
+        fd = tar_out.fileno()
+        while chunk := os.read(fd, _COPY_CHUNK):  # what is there: keeps the pipeline moving
             sink.write(drop.feed(chunk))
         if rest := drop.finish():
             sink.write(rest)
