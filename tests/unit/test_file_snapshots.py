@@ -830,6 +830,23 @@ def test_tar_stream_filter_passes_unparseable_data_through() -> None:
     assert out.endswith(bytes(junk[512 * 3 :]))  # unchanged from the bad header on
 
 
+@pytest.mark.parametrize("chunk", [4096, 1 << 20])
+def test_tar_stream_filter_gives_up_on_an_oversized_pax_header(chunk: int) -> None:
+    """More than 1 MiB of pax header before a member: passed on unchanged (bounded
+    memory), never cut in a way that would glue the header to another member."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(_member("a.txt", data=b"a")[0], io.BytesIO(b"a"))
+        info = _member("pipe", tarfile.FIFOTYPE)[0]
+        info.pax_headers = {"comment": "c" * (2 << 20)}
+        tf.addfile(info)
+    raw = buf.getvalue()
+    drop = _DropSpecialMembers()
+    out = b"".join(drop.feed(raw[i : i + chunk]) for i in range(0, len(raw), chunk))
+    assert out + drop.finish() == raw
+    assert drop.dropped == 0
+
+
 def test_setuid_bits_are_dropped(store: FileSnapshotStore, tmp_path: Path) -> None:
     info, data = _member("suid", data=b"#!/bin/sh\n")
     info.mode = 0o4755
