@@ -154,3 +154,21 @@ def test_bad_credentials_fail_with_a_clear_message(gh_stack: Stack, gh: FakeGitH
         kick(client, sid, "sandbox")
         assert wait_state(client, sid, "active")["lifecycleError"] is None
         _assert_no_token(json.dumps(get(client, sid)), gh_stack.logs_text())
+
+
+def test_repo_the_token_cannot_read_fails_at_once(gh_stack: Stack, gh: FakeGitHubServer) -> None:
+    """GitHub: 404 on the read, 422 "name already exists" on the create. Retrying cannot
+    help, so the provision run fails on its first attempt and says what to check."""
+    caller = make_caller("gh-hidden")
+    full_name = f"recoupable/{caller.account_id}"
+    gh.add_repo("recoupable", str(caller.account_id), visible=False)
+    with gh_stack.client(caller) as client:
+        sid = create(client)["id"]
+        error = wait_state(client, sid, "failed")["lifecycleError"]
+        runs = history(client, sid)
+    assert full_name in error and "check the token's access" in error, error
+    provision = [r for r in runs if r["kind"] == "provision"]
+    assert [(r["state"], r["attempts"]) for r in provision] == [("failed", 1)]
+    assert provision[0]["error"] == error
+    assert gh.stats()["repos_created"] == 0
+    _assert_no_token(error, json.dumps(runs), gh_stack.logs_text())

@@ -234,10 +234,13 @@ def _evil_archive(path: Path, member: str, *, link: str | None = None) -> None:
         ok.size = 3
         tar.addfile(ok, io.BytesIO(b"hi\n"))
         info = tarfile.TarInfo(member)
-        if link is not None:
+        if link is not None:  # a link (kept as such), then a file written through it
             info.type = tarfile.SYMTYPE
             info.linkname = link
             tar.addfile(info)
+            through = tarfile.TarInfo(f"{member}/escape")
+            through.size = 8
+            tar.addfile(through, io.BytesIO(b"escaped\n"))
         else:
             data = b"escaped\n"
             info.size = len(data)
@@ -247,7 +250,11 @@ def _evil_archive(path: Path, member: str, *, link: str | None = None) -> None:
 
 @pytest.mark.parametrize(
     ("member", "link"),
-    [("../escape", None), ("/tmp/lifecycle-e2e-abs-escape", None), ("evil-link", "/etc")],
+    [
+        ("../escape", None),
+        ("/tmp/lifecycle-e2e-abs-escape", None),
+        ("evil-link", "/tmp/lifecycle-e2e-link-target"),
+    ],
 )
 def test_unsafe_snapshot_is_refused(
     stack: Stack, caller: Caller, member: str, link: str | None
@@ -260,6 +267,9 @@ def test_unsafe_snapshot_is_refused(
         snap = Path(s["snapshotUrl"].removeprefix("file://"))
         _evil_archive(snap, member, link=link)
         outside = [stack.data_dir / "sandboxes" / "escape", Path("/tmp/lifecycle-e2e-abs-escape")]
+        if link is not None:  # the link's target exists: a write through it would land
+            Path(link).mkdir(exist_ok=True)
+            outside.append(Path(link) / "escape")
         kick(client, sid, "sandbox")
         s = wait_state(client, sid, "failed")
         assert "refused" in s["lifecycleError"] or "outside" in s["lifecycleError"], s[

@@ -9,6 +9,7 @@ Usage::
         gh.inject(path_regex=r"/repos/acme/r$", method="GET", status=502, times=2)
         gh.inject_secondary_rate_limit(retry_after=2, path_regex=r"/orgs/acme/repos$")
         gh.stats()["repos_created_by_name"]                      # {"acme/r": 1}
+        gh.add_repo("acme", "secret", visible=False)            # exists, token can't see it
     finally:
         gh.stop()
 
@@ -165,6 +166,16 @@ class FakeGitHubServer:
         result: dict[str, int] = self._control("POST", "rate_limit", body)
         return result
 
+    def add_repo(self, owner: str, name: str, *, visible: bool = True) -> dict[str, Any]:
+        """Make ``owner/name`` exist (created as another account would, private with a
+        first commit) and visible to the token or not. ``visible=False`` is a repository
+        the token lacks access to: GitHub answers 404 on every read and ``422 ... name
+        already exists on this account`` on create. Also hides or shows an existing one."""
+        result: dict[str, Any] = self._control(
+            "POST", "repos", {"owner": owner, "name": name, "visible": visible}
+        )
+        return result
+
     def stats(self) -> dict[str, Any]:
         """Counters since the last reset: ``repos_created``, ``repos_created_by_name``
         (``{"owner/name": n}``), ``refs_created``, ``refs_created_by_name``
@@ -172,8 +183,8 @@ class FakeGitHubServer:
         ``"GET /repos/{owner}/{repo}"``), ``responses`` (``"<route> <status>"``),
         ``not_modified`` (304s) and ``not_modified_by_route``, ``injected``,
         ``auth_failures``, ``rules``, ``rate_limit`` and ``repos`` (every repository with
-        ``full_name``, ``private``, ``auto_init``, ``default_branch`` and ``branches``
-        ``{name: sha}``)."""
+        ``full_name``, ``private``, ``auto_init``, ``default_branch``, ``visible`` (to the
+        token) and ``branches`` ``{name: sha}``)."""
         result: dict[str, Any] = self._control("GET", "stats")
         return result
 

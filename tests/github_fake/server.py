@@ -26,7 +26,16 @@ connections, and serves three things on that port:
   ``POST /_control/inject`` (fault rules, see :class:`Rule`), ``GET /_control/stats``,
   ``POST /_control/reset`` (``{"repos": true}`` also deletes repositories),
   ``POST /_control/rate_limit`` (``{"limit", "remaining", "reset_in"}``),
-  ``GET /_control/health``.
+  ``POST /_control/repos`` (see below), ``GET /_control/health``.
+
+Repositories the token cannot see: ``POST /_control/repos`` with ``{"owner", "name",
+"visible": false}`` creates ``owner/name`` (private, ``auto_init``) as if another account
+had, or hides an existing one; ``"visible": true`` shows it again. Like GitHub with a
+token that lacks access, every API route of a hidden repository answers ``404 Not
+Found``, git over HTTP answers ``Repository not found.``, and creating it answers ``422
+... name already exists on this account`` (the name is taken all the same). Such a
+repository is listed in the stats with ``"visible": false`` and not counted in
+``repos_created``.
 
 Organizations: every login other than the token's user (``--user``, default
 ``lifecycle-bot``) is an organization the token may create repositories in, unless
@@ -323,6 +332,7 @@ class FakeGitHub:
                     "private": meta["private"],
                     "auto_init": meta["auto_init"],
                     "default_branch": meta["default_branch"],
+                    "visible": meta.get("visible", True),
                     "branches": branches,
                 }
             )
@@ -462,8 +472,40 @@ class FakeGitHub:
             return False
         return self.orgs is None or login.lower() in self.orgs
 
-    def create_repo(self, owner: str, body: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-        """Create ``owner/<body.name>``: (meta, "") or (None, reason) when it exists."""
+    def set_visibility(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /_control/repos``: create ``owner/name`` unless it exists (as another
+        account would: not counted in ``repos_created``), then make it visible to the
+        token or not."""
+        owner, name = body.get("owner"), body.get("name")
+        if not isinstance(owner, str) or not isinstance(name, str):
+            raise ValueError("owner and name are required strings")
+        if not _NAME.fullmatch(owner) or not _NAME.fullmatch(name) or name in (".", ".."):
+            raise ValueError("owner or name is invalid")
+        visible = bool(body.get("visible", True))
+        meta = self._load_meta(owner, name)
+        if meta is None:
+            meta, _reason = self.create_repo(
+                owner, {"name": name, "private": True, "auto_init": True}, count=False
+            )
+            if meta is None:  # created concurrently
+                meta = self._load_meta(owner, name)
+            assert meta is not None
+        path = self._find_path(owner, name)
+        with self.lock:
+            meta["visible"] = visible
+            if path is not None:
+                (path / META_FILE).write_text(json.dumps(meta))
+            return {"full_name": f"{meta['owner']}/{meta['name']}", "visible": visible}
+
+    @staticmethod
+    def _visible(meta: dict[str, Any]) -> bool:
+        return bool(meta.get("visible", True))
+
+    def create_repo(
+        self, owner: str, body: dict[str, Any], *, count: bool = True
+    ) -> tuple[dict[str, Any] | None, str]:
+        """Create ``owner/<body.name>``: (meta, "") or (None, reason) when it exists
+        (visible to the token or not: the name is taken either way)."""
         name = body["name"]
         with self.create_lock:
             if self._find_path(owner, name) is not None:
@@ -513,7 +555,8 @@ class FakeGitHub:
                     shutil.rmtree(tmp, ignore_errors=True)
             with self.lock:
                 self.repos[(owner.lower(), name.lower())] = meta
-                self.created[f"{owner}/{name}"] += 1
+                if count:
+                    self.created[f"{owner}/{name}"] += 1
             return meta, ""
 
     def ref_sha(self, path: Path, ref: str) -> str | None:
@@ -656,6 +699,11 @@ class FakeGitHub:
             return json_response(200, {"ok": True})
         if path == "/_control/rate_limit" and method == "POST":
             return json_response(200, self.set_rate_limit(body))
+        if path == "/_control/repos" and method == "POST":
+            try:
+                return json_response(200, self.set_visibility(body))
+            except ValueError as exc:
+                return error_response(400, f"bad repository: {exc}")
         return error_response(404, "Not Found")
 
     def handle(self, method: str, path: str, environ: dict[str, Any]) -> Response:
@@ -932,8 +980,9 @@ class FakeGitHub:
         return json_response(200, {"resources": {"core": rate}, "rate": rate})
 
     def _repo(self, owner: str, repo: str) -> tuple[dict[str, Any], Path] | None:
+        """The repository as the token sees it: None when missing or hidden from it."""
         meta = self._load_meta(owner, repo)
-        if meta is None:
+        if meta is None or not self._visible(meta):
             return None
         path = self._find_path(owner, repo)
         return (meta, path) if path is not None else None
@@ -1082,7 +1131,8 @@ class FakeGitHub:
             response.route = route
             return response
         repo_path = self._find_path(match["owner"], match["repo"])
-        if repo_path is None:
+        meta = None if repo_path is None else self._load_meta(match["owner"], match["repo"])
+        if repo_path is None or meta is None or not self._visible(meta):
             response = Response(404, b"Repository not found.\n", {"Content-Type": "text/plain"})
             response.route = route
             return response

@@ -8,20 +8,30 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from tests.github_fake import FakeGitHubServer, start_fake_github
-from worker.config import Settings
+
+# The service tests' session set-up and job runner, for the service-level test below.
+from tests.integration.test_lifecycle_service import _create, _drain, _history, _session
+from worker.celery_app import create_celery
+from worker.config import Settings, get_settings
+from worker.db.engine import get_sessionmaker
 from worker.providers.base import (
     PermanentProviderError,
+    ProviderError,
     RepoHost,
     RepoInfo,
     TransientProviderError,
 )
+from worker.providers.broker import CeleryPublisher
 from worker.providers.git import run_git
 from worker.providers.github import GitHubRepoHost, derive_git_base_url
-from worker.providers.registry import build_repo_host
+from worker.providers.registry import build_providers, build_repo_host
+from worker.services.lifecycle import LifecycleService
 
 TOKEN = "fake-token-" + uuid.uuid4().hex  # matches none of the log redaction patterns
 ORG = "acme"
@@ -408,6 +418,95 @@ def test_validation_failure_on_create_is_permanent(
     )
     with pytest.raises(PermanentProviderError, match="name is too long"):
         host.ensure_repo(ORG, _name())
+
+
+def _assert_asks_to_check_access(message: str, full_name: str) -> None:
+    assert full_name in message
+    assert "check the token's access" in message
+    assert "LIFECYCLE_GITHUB_TOKEN" in message
+    for secret in _secret_forms(TOKEN):
+        assert secret not in message
+
+
+@pytest.mark.parametrize("owner_kind", ["org", "token-user"])
+def test_repo_that_exists_but_the_token_cannot_read_is_permanent(
+    fake: FakeGitHubServer, host: GitHubRepoHost, owner_kind: str
+) -> None:
+    owner, name = (ORG if owner_kind == "org" else fake.user), _name()
+    fake.add_repo(owner, name, visible=False)
+    with pytest.raises(PermanentProviderError) as caught:
+        host.ensure_repo(owner, name)
+    _assert_asks_to_check_access(str(caught.value), f"{owner}/{name}")
+
+    stats = fake.stats()
+    assert stats["repos_created"] == 0
+    # read (404), create (422 name already exists), read again (404); no retry loop
+    assert stats["responses"]["GET /repos/{owner}/{repo} 404"] == 2
+    create = "POST /orgs/{org}/repos" if owner_kind == "org" else "POST /user/repos"
+    assert stats["responses"][f"{create} 422"] == 1
+    repo = fake.repo(f"{owner}/{name}")
+    assert repo is not None and repo["visible"] is False  # untouched, still hidden
+    assert set(repo["branches"]) == {"main"}
+
+
+def test_hidden_repo_is_invisible_everywhere_until_access_is_granted(
+    fake: FakeGitHubServer, host: GitHubRepoHost, tmp_path: Path
+) -> None:
+    name = _name()
+    fake.add_repo(ORG, name, visible=False)
+    repo = RepoInfo(ORG, name, host.clone_url(ORG, name), "main", False)
+    with pytest.raises(ProviderError, match="404"):
+        host.ensure_branch(repo, "session/x")
+    assert fake.stats()["responses"] == {"GET /repos/{owner}/{repo}/git/ref/{ref} 404": 1}
+    url, env = host.clone_source(repo.clone_url)
+    with pytest.raises(PermanentProviderError):
+        run_git(["clone", "--quiet", url, str(tmp_path / "hidden")], action="clone", extra_env=env)
+
+    fake.add_repo(ORG, name, visible=True)  # the token is granted access
+    info = host.ensure_repo(ORG, name)
+    assert info.created is False
+    assert host.ensure_branch(info, "session/x").created is True
+    assert fake.stats()["repos_created"] == 0  # created by "someone else", never by us
+
+
+def test_unreadable_existing_repo_fails_the_provision_run_at_once(
+    fake: FakeGitHubServer, db_clean: dict[str, str], redis_client: Any, tmp_path: Path
+) -> None:
+    """The whole service: the provision run fails on its first attempt, not after the
+    retries, and the session's lifecycleError says what to fix."""
+    settings = get_settings().model_copy(
+        update={
+            "data_dir": tmp_path,
+            "fault_plan": None,
+            "task_max_retries": 2,
+            "repo_host": "github",
+            "github_token": SecretStr(TOKEN),
+            "github_api_url": fake.api_url,
+            "github_git_url": None,
+        }
+    )
+    svc = LifecycleService(
+        settings,
+        get_sessionmaker(),
+        build_providers(settings),
+        CeleryPublisher(create_celery(settings)),
+    )
+    sid = _create(svc)
+    s = _session(svc, sid)
+    assert s.repo_owner and s.repo_name
+    full_name = f"{s.repo_owner}/{s.repo_name}"
+    fake.add_repo(s.repo_owner, s.repo_name, visible=False)
+
+    assert _drain(svc, sid) == ["failed"]
+    s = _session(svc, sid)
+    assert s.lifecycle_state == "failed"
+    assert s.lifecycle_error is not None
+    _assert_asks_to_check_access(s.lifecycle_error, full_name)
+    assert not s.lifecycle_error.startswith("gave up")
+    (provision,) = _history(svc, sid)
+    assert (provision.kind, provision.state, provision.attempts) == ("provision", "failed", 1)
+    assert provision.error == s.lifecycle_error
+    assert fake.stats()["repos_created"] == 0
 
 
 def test_timeout_is_transient(fake: FakeGitHubServer) -> None:

@@ -174,6 +174,8 @@ def _secret_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIFECYCLE_GITHUB_TOKEN", "ghp_worker_secret_token_value")
     monkeypatch.setenv("LIFECYCLE_DATABASE_URL", "postgresql://u:dbpassword@db/x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-value")
+    # Would make GNU tar follow links out of a sandbox when it snapshots it.
+    monkeypatch.setenv("TAR_OPTIONS", "--dereference")
 
 
 @pytest.fixture
@@ -224,9 +226,11 @@ def test_the_planting_is_real(sandbox: Path, tmp_path: Path) -> None:
     assert "ghp_worker_secret_token_value" in text  # what the issue saw leak
 
 
-def test_subprocess_environment_is_allow_listed() -> None:
+def test_subprocess_environment_is_allow_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GIT_CONFIG_PARAMETERS", "'core.hooksPath'='/tmp'")
     for env in (subprocess_env(), git_env()):
-        assert not [k for k in env if k.startswith(("LIFECYCLE_", "AWS_"))]
+        assert not [k for k in env if k.startswith(("LIFECYCLE_", "AWS_", "TAR_"))]
+        assert "GIT_CONFIG_PARAMETERS" not in env
         joined = "\n".join(f"{k}={v}" for k, v in env.items())
         for secret in ("ghp_worker_secret_token_value", "dbpassword", "aws-secret-value"):
             assert secret not in joined

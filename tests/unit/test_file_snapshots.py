@@ -6,9 +6,11 @@ import hashlib
 import io
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import tarfile
+from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
 
@@ -16,7 +18,8 @@ import pytest
 import zstandard
 
 from worker.providers.base import PermanentProviderError, SnapshotStore
-from worker.providers.file_snapshots import FileSnapshotStore
+from worker.providers.file_snapshots import FileSnapshotStore, _DropSpecialMembers
+from worker.providers.local_sandbox import LocalSandboxProvider
 
 GIT_ENV = {
     **os.environ,
@@ -144,7 +147,8 @@ def test_round_trip_is_byte_for_byte(tmp_path: Path, variant: str) -> None:
     target = tmp_path / "restored"
     store.restore(info.url, target)
     after = manifest(target)
-    assert after == before
+    assert before.pop("pipe")[0] == "fifo"
+    assert after == before  # everything but the FIFO, which snapshots leave out
     assert stat.S_IMODE(target.stat().st_mode) == stat.S_IMODE(work.stat().st_mode)
     a, b = target / "src" / "app.py", target / "hardlinked.py"
     assert a.stat().st_ino == b.stat().st_ino  # hard links stay hard links
@@ -328,6 +332,8 @@ def test_failed_restore_leaves_existing_empty_target_empty(
 
 # ---------------------------------------------------------------- malicious archives
 
+Members = list[tuple[tarfile.TarInfo, bytes]]
+
 
 def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"pwned", link: str = "") -> tuple[tarfile.TarInfo, bytes]:  # fmt: skip
     info = tarfile.TarInfo(name)
@@ -338,9 +344,9 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"pwned", li
     return info, data
 
 
-def _write_archive(store: FileSnapshotStore, key: str, members: list[tuple[tarfile.TarInfo, bytes]]) -> str:  # fmt: skip
+def _write_archive(store: FileSnapshotStore, key: str, members: Members, fmt: int = tarfile.GNU_FORMAT) -> str:  # fmt: skip
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
         for info, data in members:
             tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
     store.root.mkdir(parents=True, exist_ok=True)
@@ -349,76 +355,214 @@ def _write_archive(store: FileSnapshotStore, key: str, members: list[tuple[tarfi
 
 
 SAFE_FIRST = _member("ok.txt", data=b"fine")
+LONG = "x" * 150  # a GNU long-name ('L') header before the member
 
-MALICIOUS: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {
-    "dotdot": [SAFE_FIRST, _member("../escape")],
-    "dotdot-nested": [SAFE_FIRST, _member("sub/../../escape")],
-    "absolute": [SAFE_FIRST, _member("/tmp/abs-escape")],
-    "symlink-absolute": [SAFE_FIRST, _member("etc", tarfile.SYMTYPE, link="/etc")],
-    "symlink-dotdot": [SAFE_FIRST, _member("up", tarfile.SYMTYPE, link="../..")],
-    "symlink-deep-dotdot": [
-        _member("sub", tarfile.DIRTYPE),
-        _member("sub/up", tarfile.SYMTYPE, link="../../escape"),
+# Each case gets OUT, an absolute directory outside the target holding sentinel.txt.
+MALICIOUS: dict[str, Callable[[str], Members]] = {
+    # Names that leave the target, or are not names.
+    "dotdot": lambda out: [SAFE_FIRST, _member("../escape")],
+    "dotdot-nested": lambda out: [SAFE_FIRST, _member("sub/../../escape")],
+    "dotdot-long": lambda out: [SAFE_FIRST, _member(f"../{LONG}")],
+    "absolute": lambda out: [SAFE_FIRST, _member("/tmp/abs-escape")],
+    "absolute-outside": lambda out: [SAFE_FIRST, _member(f"{out}/sentinel.txt")],
+    "empty-name": lambda out: [SAFE_FIRST, _member("")],
+    "dot-as-file": lambda out: [_member(".")],
+    "dot-slash-as-file": lambda out: [SAFE_FIRST, _member("./")],
+    "dot-as-symlink": lambda out: [_member(".", tarfile.SYMTYPE, link=out)],
+    "root-replaced": lambda out: [_member(".", tarfile.SYMTYPE, link="/tmp")],
+    "dot-as-hardlink": lambda out: [SAFE_FIRST, _member(".", tarfile.LNKTYPE, link="ok.txt")],
+    # Writes through a symbolic link: the link would only exist at the end, but a
+    # member below it is refused whatever the order.
+    "link-then-write-through": lambda out: [
+        _member("a", tarfile.SYMTYPE, link="/etc"),
+        _member("a/passwd"),
     ],
-    "symlink-chain": [
-        # lexically "escape" stays inside, but d resolves to "." first: ../escape.
-        _member("d", tarfile.SYMTYPE, link="."),
-        _member("x", tarfile.SYMTYPE, link="d/../escape"),
+    "link-then-write-through-outside": lambda out: [
+        _member("a", tarfile.SYMTYPE, link=out),
+        _member("a/sentinel.txt"),
     ],
-    "symlink-chain-later": [
-        _member("x", tarfile.SYMTYPE, link="sub/d/../../escape"),
-        _member("sub", tarfile.DIRTYPE),
-        _member("sub/d", tarfile.SYMTYPE, link="."),
+    "write-then-link": lambda out: [
+        _member("a/sentinel.txt"),
+        _member("a", tarfile.SYMTYPE, link=out),
     ],
-    "hardlink-dotdot": [SAFE_FIRST, _member("h", tarfile.LNKTYPE, link="../outside.txt")],
-    "hardlink-absolute": [SAFE_FIRST, _member("h", tarfile.LNKTYPE, link="/etc/passwd")],
-    "hardlink-not-in-archive": [SAFE_FIRST, _member("h", tarfile.LNKTYPE, link="outside.txt")],
-    "hardlink-to-symlink": [
-        _member("sub", tarfile.DIRTYPE),
-        _member("sub/l", tarfile.SYMTYPE, link="../ok.txt"),
-        _member("h", tarfile.LNKTYPE, link="sub/l"),
+    "dir-then-link": lambda out: [
+        _member("a", tarfile.DIRTYPE),
+        _member("a", tarfile.SYMTYPE, link=out),
     ],
-    "under-symlinked-dir-escaping": [
-        _member("link", tarfile.SYMTYPE, link="sub/../.."),
-        _member("link/escape"),
+    "link-then-dir": lambda out: [
+        _member("a", tarfile.SYMTYPE, link=out),
+        _member("a", tarfile.DIRTYPE),
     ],
-    "under-symlinked-dir-inside": [
+    "link-then-write-through-dotted": lambda out: [
+        _member("a", tarfile.SYMTYPE, link=out),
+        _member("./a/./sentinel.txt"),
+    ],
+    "link-then-write-through-long-name": lambda out: [
+        _member("a", tarfile.SYMTYPE, link=out),
+        _member(f"a/{LONG}"),
+    ],
+    "link-then-dir-through": lambda out: [
+        _member("a", tarfile.SYMTYPE, link=out),
+        _member("a/newdir", tarfile.DIRTYPE),
+    ],
+    "link-then-link-through": lambda out: [
+        _member("a", tarfile.SYMTYPE, link=out),
+        _member("a/sentinel.txt", tarfile.SYMTYPE, link="/etc/passwd"),
+    ],
+    "nested-link-then-write-through": lambda out: [
+        _member("d", tarfile.DIRTYPE),
+        _member("d/l", tarfile.SYMTYPE, link=out),
+        _member("d/l/sentinel.txt"),
+    ],
+    "dotdot-link-then-write-through": lambda out: [
+        _member("up", tarfile.SYMTYPE, link=".."),
+        _member("up/escape"),
+    ],
+    "inside-link-then-write-through": lambda out: [
         _member("sub", tarfile.DIRTYPE),
         _member("link", tarfile.SYMTYPE, link="sub"),
         _member("link/escape"),
     ],
-    "symlink-replaced-by-file": [
+    "escaping-link-then-write-through": lambda out: [
+        _member("link", tarfile.SYMTYPE, link="sub/../.."),
+        _member("link/escape"),
+    ],
+    "hardlinked-link-then-write-through": lambda out: [
+        _member("l", tarfile.SYMTYPE, link=out),
+        _member("h", tarfile.LNKTYPE, link="l"),
+        _member("h/sentinel.txt"),
+    ],
+    "symlink-replaced-by-file": lambda out: [
         _member("a", tarfile.SYMTYPE, link="ok.txt"),
         _member("a", data=b"overwrite through link"),
     ],
-    "dir-replaced-by-symlink": [
+    "dir-replaced-by-symlink": lambda out: [
         _member("sub/f", data=b"x"),
         _member("sub", tarfile.SYMTYPE, link="."),
     ],
-    "char-device": [SAFE_FIRST, _member("null", tarfile.CHRTYPE)],
-    "block-device": [SAFE_FIRST, _member("disk", tarfile.BLKTYPE)],
-    "root-replaced": [_member(".", tarfile.SYMTYPE, link="/tmp")],
+    # Hard links must name an earlier member of the tree, not through a link.
+    "hardlink-absolute": lambda out: [
+        SAFE_FIRST,
+        _member("h", tarfile.LNKTYPE, link="/etc/passwd"),
+    ],
+    "hardlink-absolute-outside": lambda out: [
+        SAFE_FIRST,
+        _member("h", tarfile.LNKTYPE, link=f"{out}/sentinel.txt"),
+    ],
+    "hardlink-dotdot": lambda out: [
+        SAFE_FIRST,
+        _member("h", tarfile.LNKTYPE, link="../outside.txt"),
+    ],
+    "hardlink-not-in-archive": lambda out: [
+        SAFE_FIRST,
+        _member("h", tarfile.LNKTYPE, link="outside.txt"),
+    ],
+    "hardlink-later-member": lambda out: [
+        _member("h", tarfile.LNKTYPE, link="ok.txt"),
+        SAFE_FIRST,
+    ],
+    "hardlink-to-dir": lambda out: [
+        _member("sub", tarfile.DIRTYPE),
+        _member("h", tarfile.LNKTYPE, link="sub"),
+    ],
+    "hardlink-through-symlink": lambda out: [
+        _member("l", tarfile.SYMTYPE, link=out),
+        _member("h", tarfile.LNKTYPE, link="l/sentinel.txt"),
+    ],
+    "hardlink-through-inside-symlink": lambda out: [
+        _member("sub", tarfile.DIRTYPE),
+        _member("sub/file", data=b"data"),
+        _member("l", tarfile.SYMTYPE, link="sub"),
+        _member("h", tarfile.LNKTYPE, link="l/file"),
+    ],
+    # Special files.
+    "fifo": lambda out: [SAFE_FIRST, _member("pipe", tarfile.FIFOTYPE)],
+    "char-device": lambda out: [SAFE_FIRST, _member("null", tarfile.CHRTYPE)],
+    "block-device": lambda out: [SAFE_FIRST, _member("disk", tarfile.BLKTYPE)],
 }
 
 
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory beside the sandboxes with a sentinel a hostile archive aims at."""
+    out = tmp_path / "outside"
+    out.mkdir()
+    (out / "sentinel.txt").write_text("original\n")
+    return out
+
+
+def _assert_nothing_written(tmp_path: Path, parent: Path, outside: Path, before: Manifest) -> None:
+    """Not the target (removed), not beside it, not above it, not through a link."""
+    assert list(parent.iterdir()) == []
+    assert manifest(tmp_path) == before
+    assert (outside / "sentinel.txt").read_text() == "original\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["sentinel.txt"]
+    assert not Path("/tmp/abs-escape").exists()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
 @pytest.mark.parametrize("case", sorted(MALICIOUS))
-def test_malicious_archive_is_refused(store: FileSnapshotStore, tmp_path: Path, case: str) -> None:
-    url = _write_archive(store, "evil", MALICIOUS[case])
+def test_malicious_archive_is_refused(
+    store: FileSnapshotStore, tmp_path: Path, outside: Path, case: str, fmt: int
+) -> None:
+    url = _write_archive(store, "evil", MALICIOUS[case](str(outside)), fmt)
     parent = tmp_path / "sandboxes"
     parent.mkdir()
     target = parent / "target"
-    before = sorted(p.name for p in tmp_path.iterdir())
+    before = manifest(tmp_path)
     with pytest.raises(PermanentProviderError, match="snapshot evil refused: member '") as err:
         store.restore(url, target)
-    # Nothing written anywhere: not the target, not beside it, not above it.
-    assert list(parent.iterdir()) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
-    assert not Path("/tmp/abs-escape").exists()
+    _assert_nothing_written(tmp_path, parent, outside, before)
     assert "pwned" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("link-then-write-through", "would be written through the symbolic link 'a'"),
+        ("write-then-link", "is a link, but earlier members are below it"),
+        ("hardlinked-link-then-write-through", "would be written through the symbolic link 'h'"),
+        ("hardlink-absolute", "is a hard link to '/etc/passwd', outside the sandbox"),
+        (
+            "hardlink-through-symlink",
+            "is a hard link to 'l/sentinel.txt', through the symbolic link 'l'",
+        ),
+        ("dotdot", "would land outside the sandbox"),
+        ("absolute", "would land outside the sandbox"),
+        ("empty-name", "has an empty or invalid name"),
+        ("dot-as-file", "would replace the sandbox directory itself"),
+        ("fifo", "is a FIFO (named pipe)"),
+        ("char-device", "is a device file"),
+        ("block-device", "is a device file"),
+    ],
+)
+def test_refusal_says_why(
+    store: FileSnapshotStore, tmp_path: Path, outside: Path, case: str, reason: str
+) -> None:
+    url = _write_archive(store, "evil", MALICIOUS[case](str(outside)))
+    with pytest.raises(PermanentProviderError) as err:
+        store.restore(url, tmp_path / "t")
+    message = str(err.value)
+    assert message.startswith("snapshot evil refused: member '"), message
+    assert reason in message, message
+
+
+def test_hostile_archive_leaves_no_sandbox_and_no_temp_tree(
+    store: FileSnapshotStore, tmp_path: Path, outside: Path
+) -> None:
+    """Through the sandbox provider: the restore's temporary tree is removed too."""
+    url = _write_archive(store, "evil", MALICIOUS["link-then-write-through-outside"](str(outside)))
+    sandboxes = LocalSandboxProvider(tmp_path / "sandboxes")
+    before = manifest(outside)
+    with pytest.raises(PermanentProviderError, match="written through the symbolic link 'a'"):
+        sandboxes.start_from_snapshot("s1", store, url)
+    assert not sandboxes.exists("s1")
+    assert list(sandboxes.root.iterdir()) == []
+    assert manifest(outside) == before
+
+
 def test_refusal_message_names_the_member(store: FileSnapshotStore, tmp_path: Path) -> None:
-    url = _write_archive(store, "evil", MALICIOUS["dotdot"])
+    url = _write_archive(store, "evil", MALICIOUS["dotdot"](str(tmp_path)))
     with pytest.raises(PermanentProviderError) as err:
         store.restore(url, tmp_path / "t")
     assert str(err.value) == (
@@ -448,6 +592,259 @@ def test_internal_symlinks_and_loops_are_accepted(store: FileSnapshotStore, tmp_
     assert (target / "via-self").read_bytes() == b"data"
     assert (target / "hard").stat().st_ino == (target / "sub" / "file").stat().st_ino
     assert os.readlink(target / "loop-a") == "loop-b"
+
+
+def test_links_pointing_anywhere_are_restored_as_links(
+    store: FileSnapshotStore, tmp_path: Path, outside: Path
+) -> None:
+    """Links are kept whatever they point at, and never followed while restoring: the
+    files below (and after) them land in the tree, the linked-to places stay as they
+    were."""
+    links = {
+        "abs": str(outside),
+        "abs-file": f"{outside}/sentinel.txt",
+        "etc": "/etc",
+        "up": "..",
+        "deep-up": "../../../escape",
+        "sub/up": "../../escape",
+        "chain-d": ".",
+        "chain-x": "chain-d/../escape",  # the kernel resolves chain-d first: ../escape
+        "dangling": "no/such/file",
+        "dangling-abs": "/no/such/file",
+        "self": "self",
+    }
+    members: Members = [_member("sub", tarfile.DIRTYPE)]
+    members += [_member(name, tarfile.SYMTYPE, link=to) for name, to in links.items()]
+    members += [
+        _member("sub/after.txt", data=b"after the links"),
+        _member("hard-to-link", tarfile.LNKTYPE, link="abs"),  # a hard link to a link
+    ]
+    url = _write_archive(store, "links", members)
+    parent = tmp_path / "sandboxes"
+    parent.mkdir()
+    target = parent / "t"
+    before_outside = manifest(outside)
+
+    store.restore(url, target)
+
+    for name, to in links.items():
+        assert (target / name).is_symlink(), name
+        assert os.readlink(target / name) == to, name
+    assert (target / "sub" / "after.txt").read_bytes() == b"after the links"
+    hard = target / "hard-to-link"
+    assert hard.is_symlink() and os.readlink(hard) == str(outside)
+    assert hard.lstat().st_ino == (target / "abs").lstat().st_ino
+    assert manifest(outside) == before_outside
+    assert sorted(p.name for p in parent.iterdir()) == ["t"]
+    assert not (tmp_path / "escape").exists() and not (parent / "escape").exists()
+
+
+def test_links_are_made_after_files_and_before_directory_modes(
+    store: FileSnapshotStore, tmp_path: Path
+) -> None:
+    """A link listed before the files it sits beside, in a read-only directory."""
+    ro = _member("ro", tarfile.DIRTYPE)
+    ro[0].mode = 0o555
+    url = _write_archive(
+        store,
+        "order",
+        [
+            _member("ro/link", tarfile.SYMTYPE, link="/usr/bin/python3"),
+            ro,
+            _member("ro/file.txt", data=b"file"),
+            _member("implied/dir/link", tarfile.SYMTYPE, link="../../ro/file.txt"),
+        ],
+    )
+    target = tmp_path / "t"
+    store.restore(url, target)
+    assert os.readlink(target / "ro" / "link") == "/usr/bin/python3"
+    assert (target / "implied" / "dir" / "link").read_bytes() == b"file"
+    assert stat.S_IMODE((target / "ro").stat().st_mode) == 0o555
+    make_writable(target)
+
+
+def make_venv_like(root: Path, outside: Path) -> Path:
+    """A sandbox with a Python virtualenv and node_modules: absolute links out of the
+    tree, relative ones, dangling ones, a hard link to a link."""
+    work = root / "sandbox"
+    venv = work / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    site = venv / "lib" / "python3.12" / "site-packages" / "pkg"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("VERSION = '1.0'\n")
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\ninclude-system-site-packages = false\n")
+    (venv / "bin" / "python").symlink_to("/usr/bin/python3")
+    (venv / "bin" / "python3").symlink_to("python")
+    (venv / "bin" / "python3.12").symlink_to("python")
+    (venv / "lib64").symlink_to("lib")
+    (venv / "bin" / "activate").write_text(f"VIRTUAL_ENV={venv}\n")
+    (venv / "bin" / "pip").write_text("#!/usr/bin/env python\n")
+    (venv / "bin" / "pip").chmod(0o755)
+    tool = work / "node_modules" / "tool"
+    tool.mkdir(parents=True)
+    (tool / "cli.js").write_text("#!/usr/bin/env node\n")
+    (work / "node_modules" / ".bin").mkdir()
+    (work / "node_modules" / ".bin" / "tool").symlink_to("../tool/cli.js")
+    (work / "node_modules" / "linked-pkg").symlink_to(str(outside))  # npm link
+    (work / "system-lib").symlink_to("/usr/lib")
+    (work / "dangling").symlink_to("/nonexistent/anywhere")
+    (work / "dangling-rel").symlink_to("../not-there")
+    os.link(venv / "bin" / "python", work / "python-hardlink", follow_symlinks=False)
+    return work
+
+
+@pytest.mark.parametrize("variant", STORE_VARIANTS)
+def test_venv_with_absolute_links_round_trips(tmp_path: Path, outside: Path, variant: str) -> None:
+    store = make_store(tmp_path / "snapshots", variant)
+    work = make_venv_like(tmp_path, outside)
+    before = manifest(work)
+    info = store.save("venv", work)
+
+    # Stored as links: nothing below them (or of what they point at) in the archive.
+    with store.path_for("venv").open("rb") as fh:
+        data = zstandard.ZstdDecompressor().stream_reader(fh).read()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        members = {m.name.removeprefix("./"): m for m in tf.getmembers()}
+    # .venv/bin/python and python-hardlink share an inode: whichever tar met first is
+    # the symbolic link, the other a hard link to it (tarfile: two symbolic links).
+    python, hard = members[".venv/bin/python"], members["python-hardlink"]
+    first = python if python.issym() else hard
+    assert first.issym() and first.linkname == "/usr/bin/python3"
+    assert {python.type, hard.type} <= {tarfile.SYMTYPE, tarfile.LNKTYPE}
+    assert members["node_modules/linked-pkg"].issym()
+    assert members["system-lib"].issym()
+    assert not any(name.startswith(("node_modules/linked-pkg/", "system-lib/")) for name in members)
+    assert b"original" not in data  # the sentinel outside was never read
+
+    target = tmp_path / "restored"
+    store.restore(info.url, target)
+    assert manifest(target) == before  # byte for byte, modes, link targets
+    for link in (".venv/bin/python", ".venv/lib64", "node_modules/linked-pkg", "dangling"):
+        assert (target / link).is_symlink()
+        assert os.readlink(target / link) == os.readlink(work / link)
+    assert os.readlink(target / ".venv" / "bin" / "python") == "/usr/bin/python3"
+    assert os.readlink(target / "python-hardlink") == "/usr/bin/python3"
+    if tarfile.LNKTYPE in (python.type, hard.type):  # restored as one inode again
+        assert (target / "python-hardlink").lstat().st_ino == (
+            target / ".venv" / "bin" / "python"
+        ).lstat().st_ino
+    assert (target / ".venv" / "lib64" / "python3.12" / "site-packages" / "pkg").is_dir()
+    assert (outside / "sentinel.txt").read_text() == "original\n"
+
+
+@pytest.mark.parametrize("variant", STORE_VARIANTS)
+def test_dangling_link_round_trips(tmp_path: Path, variant: str) -> None:
+    store = make_store(tmp_path / "snapshots", variant)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "later").symlink_to("created-later.txt")
+    (work / "gone").symlink_to("/tmp/definitely-not-here-" + os.urandom(4).hex())
+    info = store.save("dangling", work)
+    target = tmp_path / "restored"
+    store.restore(info.url, target)
+    assert manifest(target) == manifest(work)
+    assert not (target / "later").exists() and (target / "later").is_symlink()
+    assert os.readlink(target / "gone") == os.readlink(work / "gone")
+
+
+@pytest.mark.parametrize("variant", STORE_VARIANTS)
+def test_symlinked_sandbox_root_is_refused_not_followed(
+    tmp_path: Path, outside: Path, variant: str
+) -> None:
+    store = make_store(tmp_path / "snapshots", variant)
+    root = tmp_path / "sandbox"
+    root.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(PermanentProviderError, match="source directory is a symbolic link"):
+        store.save("root-link", root)
+    assert store.count() == 0
+    assert not store.path_for("root-link").exists()
+
+
+@pytest.mark.parametrize("variant", STORE_VARIANTS)
+def test_fifos_and_sockets_are_left_out_of_snapshots(tmp_path: Path, variant: str) -> None:
+    store = make_store(tmp_path / "snapshots", variant)
+    work = tmp_path / "work"
+    (work / ("d" * 120)).mkdir(parents=True)
+    (work / "a.txt").write_text("a")
+    os.mkfifo(work / "pipe")
+    os.mkfifo(work / ("d" * 120) / ("p" * 120))  # with a GNU long-name header
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(work / "sock"))
+        info = store.save("special", work)
+    (work / "sock").unlink()
+    target = tmp_path / "restored"
+    store.restore(info.url, target)
+    expected = manifest(work)
+    del expected["pipe"], expected[f"{'d' * 120}/{'p' * 120}"]
+    assert manifest(target) == expected
+
+
+def _special_archive(fmt: int) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A tar with FIFOs and devices (some with long names) between ordinary members,
+    and the (name, content) list expected once they are dropped."""
+    members = [
+        _member("a.txt", data=b"a" * 700),
+        _member("pipe", tarfile.FIFOTYPE),
+        _member("n" * 150, data=b"long name kept"),
+        _member("p" * 150, tarfile.FIFOTYPE),
+        _member("dev", tarfile.CHRTYPE),
+        _member("l" * 150, tarfile.SYMTYPE, link="t" * 150),
+        _member("blk" * 60, tarfile.BLKTYPE),
+        _member("z.txt", data=b""),
+        _member("big.bin", data=os.urandom(5000)),
+    ]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    kept = [
+        (info.name, data if info.isreg() else info.linkname.encode())
+        for info, data in members
+        if info.type not in (tarfile.FIFOTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE)
+    ]
+    return buf.getvalue(), kept
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
+@pytest.mark.parametrize("chunk", [1, 511, 512, 513, 4096, 1 << 20])
+def test_special_members_are_dropped_from_the_tar_stream(fmt: int, chunk: int) -> None:
+    raw, kept = _special_archive(fmt)
+    drop = _DropSpecialMembers()
+    out = b"".join(drop.feed(raw[i : i + chunk]) for i in range(0, len(raw), chunk))
+    out += drop.finish()
+    assert drop.dropped == 4
+    with tarfile.open(fileobj=io.BytesIO(out), mode="r:") as tf:
+        got = [
+            (m.name, tf.extractfile(m).read() if m.isreg() else m.linkname.encode())  # type: ignore[union-attr]
+            for m in tf.getmembers()
+        ]
+    assert got == kept
+
+
+def test_tar_stream_filter_passes_unparseable_data_through() -> None:
+    raw, _ = _special_archive(tarfile.GNU_FORMAT)
+    junk = bytearray(raw)
+    junk[512 * 3 + 148] ^= 0x01  # a header checksum further on no longer matches
+    drop = _DropSpecialMembers()
+    out = drop.feed(bytes(junk)) + drop.finish()
+    assert out.endswith(bytes(junk[512 * 3 :]))  # unchanged from the bad header on
+
+
+@pytest.mark.parametrize("chunk", [4096, 1 << 20])
+def test_tar_stream_filter_gives_up_on_an_oversized_pax_header(chunk: int) -> None:
+    """More than 1 MiB of pax header before a member: passed on unchanged (bounded
+    memory), never cut in a way that would glue the header to another member."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(_member("a.txt", data=b"a")[0], io.BytesIO(b"a"))
+        info = _member("pipe", tarfile.FIFOTYPE)[0]
+        info.pax_headers = {"comment": "c" * (2 << 20)}
+        tf.addfile(info)
+    raw = buf.getvalue()
+    drop = _DropSpecialMembers()
+    out = b"".join(drop.feed(raw[i : i + chunk]) for i in range(0, len(raw), chunk))
+    assert out + drop.finish() == raw
+    assert drop.dropped == 0
 
 
 def test_setuid_bits_are_dropped(store: FileSnapshotStore, tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ What it does, per :class:`~worker.providers.base.RepoHost`:
   ``auto_init`` (so the default branch exists). When ``owner`` is not an organization but
   the token's own user, the repository is created under that user instead. A ``422
   ... already exists`` from a concurrent creator counts as success: the repository is
-  read again and returned with ``created=False``.
+  read again and returned with ``created=False``. If that read still answers 404, the
+  repository exists but the token cannot read it: a permanent error that names
+  ``owner/name`` and asks to check the token's access to it (never retried).
 * ``ensure_branch`` reads the head of the default branch (``GET git/ref/heads/<default>``)
   and creates ``refs/heads/<branch>`` there (``POST git/refs``); ``422 Reference already
   exists`` counts as success (``created=False``, the existing branch's sha).
@@ -316,9 +318,16 @@ class GitHubRepoHost:
         # A concurrent creator won the race: theirs is ours.
         data = self._read_repo(owner, name)
         if data is None:
-            raise TransientProviderError(
-                f"GitHub says repository {full} already exists but it cannot be read yet",
-                retry_after=1.0,
+            # Still 404 after "already exists": the repository is there but this token
+            # cannot read it. Retrying cannot fix that; the operator has to.
+            raise PermanentProviderError(
+                self._scrub(
+                    f"repository {full} already exists on GitHub but the token cannot read "
+                    f"it (GET /repos/{full} answers 404 Not Found, creating it 422 name "
+                    f"already exists): check the token's access to {full} "
+                    "(LIFECYCLE_GITHUB_TOKEN: its repository access or scopes, or the "
+                    "GitHub App installation)"
+                )
             )
         return self._repo_info(owner, name, data, created=False)
 
