@@ -20,7 +20,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from worker.celery_app import app
 from worker.config import get_settings
 from worker.db.engine import get_sessionmaker, reset_engine
-from worker.domain.lifecycle import RunKind
+from worker.domain.lifecycle import OutcomeStatus, RunKind
 from worker.logging import configure_logging, get_logger
 from worker.providers.broker import CeleryPublisher
 from worker.providers.registry import build_providers
@@ -91,7 +91,7 @@ def _run(task: Task, kind: RunKind, session_id: str, run_id: str, version: int) 
             attempt=request.retries + 1,
             duration_ms=round(outcome.duration * 1000, 1),
         )
-        if outcome.status == "retry":
+        if outcome.status is OutcomeStatus.RETRY:
             raise task.retry(countdown=outcome.retry_in, max_retries=None)
         return {"outcome": outcome.status, "reason": outcome.reason}
 

@@ -76,12 +76,13 @@ def _svc(**overrides: Any) -> LifecycleService:
     return LifecycleService(settings, cast(Any, None), cast(Any, None), None, hostname_queue="q")
 
 
-def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
+def test_backoff_grows_exponentially_with_full_jitter_and_a_cap() -> None:
     svc = _svc(retry_backoff_base_seconds=1, retry_backoff_max_seconds=8)
-    for attempt, (low, high) in {1: (0.5, 1), 2: (1, 2), 3: (2, 4), 4: (4, 8), 9: (4, 8)}.items():
-        delays = [svc.backoff(attempt, None) for _ in range(200)]
-        assert all(low <= d <= high for d in delays), (attempt, min(delays), max(delays))
-        assert len(set(delays)) > 1  # jittered
+    for attempt, high in {1: 1, 2: 2, 3: 4, 4: 8, 9: 8}.items():
+        delays = [svc.backoff(attempt, None) for _ in range(400)]
+        assert all(0 <= d <= high for d in delays), (attempt, min(delays), max(delays))
+        # Full jitter: the whole range is used, not just its upper half.
+        assert min(delays) < high / 4 and max(delays) > high * 3 / 4, (attempt, delays)
 
 
 def test_backoff_never_sooner_than_the_remote_asked() -> None:

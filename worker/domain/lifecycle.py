@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -40,6 +41,15 @@ class RunState(StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"  # stale or duplicate delivery: no side effect
     ABANDONED = "abandoned"  # its lease expired (worker died); the reaper re-drove it
+
+
+class OutcomeStatus(StrEnum):
+    """What one delivery of a run's task did."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    RETRY = "retry"
 
 
 OPEN_RUN_STATES = (RunState.PENDING, RunState.QUEUED, RunState.RUNNING)
@@ -84,3 +94,14 @@ def coalescing_kinds(kind: RunKind) -> tuple[RunKind, ...]:
         # A provision run chains into a start run.
         return (RunKind.START, RunKind.PROVISION)
     return (kind,)
+
+
+def backoff_delay(
+    attempts: int, base_seconds: float, cap_seconds: float, retry_after: float | None
+) -> float:
+    """Seconds before retry ``attempts`` + 1: exponential backoff with *full* jitter
+    (uniform in ``[0, min(cap, base * 2**(attempts-1))]``), never sooner than a
+    ``Retry-After`` the remote asked for."""
+    ceiling = min(cap_seconds, base_seconds * float(2 ** max(0, attempts - 1)))
+    delay = random.uniform(0, ceiling)
+    return delay if retry_after is None else max(delay, retry_after)

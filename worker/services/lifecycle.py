@@ -25,7 +25,6 @@ in ORM transactions of their own, as before.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 import uuid
@@ -42,7 +41,13 @@ from worker.db import statements
 from worker.db.connection import KeptConnection
 from worker.db.models import LifecycleRunRecord, OutboxRecord, SessionRecord
 from worker.db.statements import JobRow
-from worker.domain.lifecycle import LifecycleState, RunKind, RunState
+from worker.domain.lifecycle import (
+    LifecycleState,
+    OutcomeStatus,
+    RunKind,
+    RunState,
+    backoff_delay,
+)
 from worker.logging import get_logger, redact_text
 from worker.providers.base import PermanentProviderError, TransientProviderError
 from worker.providers.broker import Publisher
@@ -65,7 +70,7 @@ CONNECTION_REUSE_SECONDS = 1.0
 class Outcome:
     """What a delivery did. ``retry_in`` is set when the caller should retry later."""
 
-    status: str  # succeeded | failed | skipped | retry
+    status: OutcomeStatus
     reason: str = ""
     retry_in: float | None = None
     from_version: int | None = None
@@ -200,9 +205,11 @@ class LifecycleService:
             try:
                 claim = self._claim(db, kind, sid, rid, version, task_id)
             except Skip as skip:
-                return Outcome("skipped", reason=str(skip), from_version=version)
+                return Outcome(OutcomeStatus.SKIPPED, reason=str(skip), from_version=version)
             if claim is None:
-                return Outcome("skipped", reason="duplicate delivery", from_version=version)
+                return Outcome(
+                    OutcomeStatus.SKIPPED, reason="duplicate delivery", from_version=version
+                )
             try:
                 changes = self._work(kind, claim)
             except PermanentProviderError as exc:
@@ -251,7 +258,8 @@ class LifecycleService:
             if claim is not False:
                 return claim
             run = orm.get(LifecycleRunRecord, rid)  # locked by the statement
-            assert run is not None
+            if run is None:  # the claim returned its row: it exists, and stays locked
+                raise RuntimeError(f"run {rid} vanished under its lock")
             current = orm.get(SessionRecord, sid)
             reason = self._why_not(kind, run, current, version)
             if reason is None:
@@ -403,7 +411,8 @@ class LifecycleService:
         return [url for url in urls if url != keep]
 
     def _provision(self, s: SessionView) -> dict[str, Any]:
-        assert s.repo_owner and s.repo_name and s.branch
+        if not (s.repo_owner and s.repo_name and s.branch):
+            raise PermanentProviderError("the session has no workspace repo or branch recorded")
         host = self.providers.repo_host
         repo = host.ensure_repo(s.repo_owner, s.repo_name)
         branch = host.ensure_branch(repo, s.branch)
@@ -428,7 +437,8 @@ class LifecycleService:
         if s.snapshot_url:
             info = sandbox.start_from_snapshot(name, self.providers.snapshots, s.snapshot_url)
         else:
-            assert s.clone_url and s.branch
+            if not (s.clone_url and s.branch):
+                raise PermanentProviderError("the session has no clone URL or branch recorded")
             url, env = self.providers.repo_host.clone_source(s.clone_url)
             info = sandbox.start_from_clone(
                 name, url, s.branch, env, base_branch=self.settings.default_branch
@@ -542,12 +552,15 @@ class LifecycleService:
             # The lease was lost (expired and reaped) while we worked: nothing was recorded
             # and the run ended abandoned; the re-driven run does the work again.
             return Outcome(
-                "skipped", reason="lease lost before recording", from_version=s.lifecycle_version
+                OutcomeStatus.SKIPPED,
+                reason="lease lost before recording",
+                from_version=s.lifecycle_version,
             )
-        assert row[0] == to_version
+        if row[0] != to_version:  # the statement's guard makes this impossible
+            raise RuntimeError(f"recorded version {row[0]}, expected {to_version}")
         self._drop_superseded(claim.db, s.id, old_snapshot, values.get("snapshot_url"))
         return Outcome(
-            run_state.value,
+            OutcomeStatus(run_state.value),
             reason=error or "",
             from_version=s.lifecycle_version,
             to_version=to_version,
@@ -585,13 +598,16 @@ class LifecycleService:
             if not released:
                 lost = {"rid": claim.run.id, "error": "lease lost before retry", "now": now}
                 conn.exec_driver_sql(statements.ABANDON_SQL, lost)
-                return Outcome("skipped", reason="lease lost before retry")
+                return Outcome(OutcomeStatus.SKIPPED, reason="lease lost before retry")
             conn.exec_driver_sql(
                 statements.REQUEUE_SQL, {"rid": claim.run.id, "error": message[:2000], "now": now}
             )
         delay = self.backoff(attempts, retry_after)
         return Outcome(
-            "retry", reason=message, retry_in=delay, from_version=claim.session.lifecycle_version
+            OutcomeStatus.RETRY,
+            reason=message,
+            retry_in=delay,
+            from_version=claim.session.lifecycle_version,
         )
 
     def _state_before(self, claim: Claim) -> str:
@@ -600,12 +616,12 @@ class LifecycleService:
 
     def backoff(self, attempts: int, retry_after: float | None) -> float:
         """Exponential backoff with full jitter, never sooner than the remote asked."""
-        cap = self.settings.retry_backoff_max_seconds
-        base = min(cap, self.settings.retry_backoff_base_seconds * float(2 ** max(0, attempts - 1)))
-        delay = base / 2 + random.uniform(0, base / 2)
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        return delay
+        return backoff_delay(
+            attempts,
+            self.settings.retry_backoff_base_seconds,
+            self.settings.retry_backoff_max_seconds,
+            retry_after,
+        )
 
     @staticmethod
     def _finish_run(
