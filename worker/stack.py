@@ -389,7 +389,7 @@ class Stack:
         self.info: StackInfo | None = None
 
     # signals ------------------------------------------------------------------------
-    def _on_signal(self, signum: int, _frame: Any) -> None:
+    def _on_signal(self, _signum: int, _frame: Any) -> None:
         self._signals += 1
         self._stop.set()
 
@@ -426,7 +426,7 @@ class Stack:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _start(self) -> StackInfo | None:
+    def _start(self) -> StackInfo | None:  # noqa: C901 -- start-up steps in order, each reported
         opts = self.options
         for what, port in (("API", opts.api_port), ("Flower", opts.flower_port)):
             if (what == "API" or opts.flower) and not port_is_free(port):

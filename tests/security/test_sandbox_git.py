@@ -75,7 +75,7 @@ def _program(work: Path, marker: Path, tag: str) -> str:
     return str(path)
 
 
-def _plant_config(work: Path, marker: Path, key: str) -> None:
+def _plant_config(work: Path, marker: Path, key: str) -> None:  # noqa: C901 -- a table of plants
     """Plant one dangerous config key (and what makes git reach for it)."""
     git = work / ".git"
     prog = _program(work, marker, key)

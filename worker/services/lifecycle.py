@@ -264,7 +264,7 @@ class LifecycleService:
             reason = self._why_not(kind, run, current, version)
             if reason is None:
                 return None  # someone holds a live lease (maybe this run): not ours to end
-            self._finish_run(orm, run, RunState.SKIPPED, error=reason, to_version=None)
+            self.finish_run(run, RunState.SKIPPED, error=reason, to_version=None)
             if current is not None and current.lifecycle_run_id is None:
                 jobs = runs.dispatch_next(orm, current)
             else:
@@ -624,8 +624,7 @@ class LifecycleService:
         )
 
     @staticmethod
-    def _finish_run(
-        db: Session,
+    def finish_run(
         run: LifecycleRunRecord,
         state: RunState,
         *,

@@ -242,7 +242,7 @@ def reap_runs(svc: LifecycleService) -> dict[str, Any]:
                 RunKind(run.kind), s.snapshot_url, s.lifecycle_state
             )
             if run.state in (RunState.QUEUED.value, RunState.RUNNING.value):
-                svc._finish_run(db, run, RunState.ABANDONED, error="lease expired (worker lost)")
+                svc.finish_run(run, RunState.ABANDONED, error="lease expired (worker lost)")
             db.flush()
             again = runs.new_run(db, s, RunKind(run.kind), "reaper")
             jobs.append(runs.enqueue(db, s, again))
