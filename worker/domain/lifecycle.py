@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import uuid
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -105,3 +106,28 @@ def backoff_delay(
     ceiling = min(cap_seconds, base_seconds * float(2 ** max(0, attempts - 1)))
     delay = random.uniform(0, ceiling)
     return delay if retry_after is None else max(delay, retry_after)
+
+
+# ----------------------------------------------------------------- names
+def sandbox_name(session_id: uuid.UUID) -> str:
+    return f"s-{session_id}"
+
+
+# Runs that save snapshots, each under its own key.
+SNAPSHOT_KINDS = (RunKind.HIBERNATE.value, RunKind.SNAPSHOT.value, RunKind.ARCHIVE.value)
+
+
+def snapshot_key(session_id: uuid.UUID, run_id: uuid.UUID) -> str:
+    return f"{session_id}-{run_id}"
+
+
+def state_before_claim(kind: RunKind, snapshot_url: str | None, current: str) -> str:
+    """The state a session showed before a run of ``kind`` claimed it (what releasing or
+    abandoning the run restores, so that its retry's claim is eligible again)."""
+    if kind is RunKind.HIBERNATE:
+        return LifecycleState.ACTIVE.value
+    if kind is RunKind.START:
+        return (
+            LifecycleState.HIBERNATED.value if snapshot_url else LifecycleState.PROVISIONING.value
+        )
+    return current

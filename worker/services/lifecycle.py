@@ -42,11 +42,15 @@ from worker.db.connection import KeptConnection
 from worker.db.models import LifecycleRunRecord, OutboxRecord, SessionRecord
 from worker.db.statements import JobRow
 from worker.domain.lifecycle import (
+    SNAPSHOT_KINDS,
     LifecycleState,
     OutcomeStatus,
     RunKind,
     RunState,
     backoff_delay,
+    sandbox_name,
+    snapshot_key,
+    state_before_claim,
 )
 from worker.logging import get_logger, redact_text
 from worker.providers.base import PermanentProviderError, TransientProviderError
@@ -54,6 +58,7 @@ from worker.providers.broker import Publisher
 from worker.providers.registry import Providers
 from worker.routing import host_queue
 from worker.services import outbox, runs
+from worker.services.sandbox_work import SandboxWork
 
 log = get_logger(__name__)
 
@@ -117,30 +122,6 @@ class Skip(Exception):
     """The claim found the session not eligible; the run ends skipped with this reason."""
 
 
-def sandbox_name(session_id: uuid.UUID) -> str:
-    return f"s-{session_id}"
-
-
-# Runs that save snapshots, each under its own key.
-SNAPSHOT_KINDS = (RunKind.HIBERNATE.value, RunKind.SNAPSHOT.value, RunKind.ARCHIVE.value)
-
-
-def snapshot_key(session_id: uuid.UUID, run_id: uuid.UUID) -> str:
-    return f"{session_id}-{run_id}"
-
-
-def state_before_claim(kind: RunKind, snapshot_url: str | None, current: str) -> str:
-    """The state a session showed before a run of ``kind`` claimed it (what releasing or
-    abandoning the run restores, so that its retry's claim is eligible again)."""
-    if kind is RunKind.HIBERNATE:
-        return ACTIVE
-    if kind is RunKind.START:
-        return (
-            LifecycleState.HIBERNATED.value if snapshot_url else LifecycleState.PROVISIONING.value
-        )
-    return current
-
-
 class LifecycleService:
     """Runs lifecycle work against a database and a set of providers."""
 
@@ -158,6 +139,7 @@ class LifecycleService:
         self.providers = providers
         self.publisher = publisher
         self.queue = hostname_queue or host_queue()
+        self.work = SandboxWork(settings, providers, self.queue)
         # Deliveries run on the factory's engine directly (see KeptConnection).
         bind = getattr(factory, "kw", {}).get("bind")
         self.engine: Engine | None = bind if isinstance(bind, Engine) else None
@@ -328,13 +310,13 @@ class LifecycleService:
     def _work(self, kind: RunKind, claim: Claim) -> dict[str, Any]:
         s = claim.session
         if kind is RunKind.PROVISION:
-            return self._provision(s)
+            return self.work.provision(s)
         if kind is RunKind.START:
-            return self._start(s)
+            return self.work.start(s)
         if kind is RunKind.SNAPSHOT:
-            return self._capture(s, claim.run, with_diff=False)
+            return self.work.capture(s, claim.run, with_diff=False)
         if kind is RunKind.DIFF:
-            return self._diff(s)
+            return self.work.diff(s)
         # HIBERNATE and ARCHIVE: keep the work, then stop the sandbox.
         changes = self._capture_for_rest(kind, claim)
         if changes:
@@ -343,13 +325,13 @@ class LifecycleService:
             self._checkpoint(claim, changes)
         self.providers.sandbox.stop(sandbox_name(s.id))
         rest = LifecycleState.HIBERNATED if kind is RunKind.HIBERNATE else LifecycleState.ARCHIVED
-        changes.update(lifecycle_state=rest.value, sandbox_state=self._resting_state(s))
+        changes.update(lifecycle_state=rest.value, sandbox_state=self.work.resting_state(s))
         return changes
 
     def _capture_for_rest(self, kind: RunKind, claim: Claim) -> dict[str, Any]:
         s = claim.session
         if self.providers.sandbox.exists(sandbox_name(s.id)):
-            return self._capture(s, claim.run, with_diff=True)
+            return self.work.capture(s, claim.run, with_diff=True)
         if self._snapshot_since_start(s):
             return {}  # an earlier, interrupted attempt already saved the work
         if kind is RunKind.ARCHIVE:
@@ -409,97 +391,6 @@ class LifecycleService:
         ).fetchall()
         urls = [str(url_for(snapshot_key(session_id, rid))) for (rid,) in rows]
         return [url for url in urls if url != keep]
-
-    def _provision(self, s: SessionView) -> dict[str, Any]:
-        if not (s.repo_owner and s.repo_name and s.branch):
-            raise PermanentProviderError("the session has no workspace repo or branch recorded")
-        host = self.providers.repo_host
-        repo = host.ensure_repo(s.repo_owner, s.repo_name)
-        branch = host.ensure_branch(repo, s.branch)
-        # Worth a line of its own when something was created (the run's outcome line
-        # follows anyway); a re-provision of existing ones only at debug level.
-        (log.info if repo.created or branch.created else log.debug)(
-            "lifecycle.provisioned",
-            repo_created=repo.created,
-            branch_created=branch.created,
-            branch_sha=branch.sha,
-        )
-        return {
-            "clone_url": repo.clone_url,
-            "provisioned_at": datetime.now(UTC),
-            "is_new_branch": True,
-            "lifecycle_state": LifecycleState.PROVISIONING.value,
-        }
-
-    def _start(self, s: SessionView) -> dict[str, Any]:
-        name = sandbox_name(s.id)
-        sandbox = self.providers.sandbox
-        if s.snapshot_url:
-            info = sandbox.start_from_snapshot(name, self.providers.snapshots, s.snapshot_url)
-        else:
-            if not (s.clone_url and s.branch):
-                raise PermanentProviderError("the session has no clone URL or branch recorded")
-            url, env = self.providers.repo_host.clone_source(s.clone_url)
-            info = sandbox.start_from_clone(
-                name, url, s.branch, env, base_branch=self.settings.default_branch
-            )
-        now = datetime.now(UTC)
-        expires = now + timedelta(seconds=self.settings.max_lifetime_seconds)
-        state: dict[str, Any] = {
-            "type": sandbox.kind,
-            "sandboxName": name,
-            "expiresAt": expires.isoformat(),
-            "startedAt": info.started_at.isoformat(),
-            "queue": self.queue,
-        }
-        state.update(sandbox.state(name))
-        return {
-            "lifecycle_state": ACTIVE,
-            "sandbox_state": state,
-            "last_activity_at": now,
-            "hibernate_after": now + timedelta(seconds=self.settings.idle_timeout_seconds),
-            "sandbox_expires_at": expires,
-        }
-
-    def _resting_state(self, s: SessionView) -> dict[str, Any]:
-        """What ``sandboxState`` keeps while no sandbox runs: only what resuming needs."""
-        return {"type": self.providers.sandbox.kind, "sandboxName": sandbox_name(s.id)}
-
-    def _require_sandbox(self, s: SessionView) -> str:
-        name = sandbox_name(s.id)
-        if not self.providers.sandbox.exists(name):
-            raise PermanentProviderError(
-                "the sandbox is not on this worker's host (it was lost or runs elsewhere); "
-                "the last snapshot is kept, start the session again to restore it"
-            )
-        return name
-
-    def _diff(self, s: SessionView) -> dict[str, Any]:
-        name = self._require_sandbox(s)
-        diff = self.providers.diff(
-            self.providers.sandbox.workdir(name), self.settings.default_branch
-        )
-        summary = diff["summary"]
-        return {
-            "cached_diff": diff,
-            "cached_diff_updated_at": datetime.now(UTC),
-            "lines_added": int(summary["totalAdditions"]),
-            "lines_removed": int(summary["totalDeletions"]),
-        }
-
-    def _capture(self, s: SessionView, run: RunView, *, with_diff: bool) -> dict[str, Any]:
-        name = self._require_sandbox(s)
-        changes = self._diff(s) if with_diff else {}
-        # Keyed by run: a re-run of the same run overwrites the same file (one snapshot).
-        info = self.providers.snapshots.save(
-            snapshot_key(s.id, run.id), self.providers.sandbox.workdir(name)
-        )
-        changes.update(
-            snapshot_url=info.url,
-            snapshot_created_at=info.created_at,
-            snapshot_size_bytes=info.size_bytes,
-        )
-        return changes
 
     # ----------------------------------------------------------------- record
     def _record(

@@ -215,7 +215,7 @@ def reap_runs(svc: LifecycleService) -> dict[str, Any]:
     """Expired leases: mark the run abandoned, release the lease and queue a new run of
     the same kind (trigger ``reaper``). Queued runs whose message never ran (lost by the
     broker) are published again; sessions left with only pending runs are dispatched."""
-    from worker.services.lifecycle import state_before_claim
+    from worker.domain.lifecycle import state_before_claim
 
     lease = timedelta(seconds=svc.settings.lease_seconds)
     reaped = republished = dispatched = 0
