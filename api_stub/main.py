@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api_stub import errors
-from api_stub.routes import health, metrics, sessions
+from api_stub.routes import chats, health, metrics, sessions
 from worker.celery_app import create_celery
 from worker.config import Settings, get_settings
 from worker.db.engine import get_sessionmaker
@@ -54,5 +54,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(sessions.router)
+    app.include_router(chats.router)
     app.include_router(metrics.router)
     return app

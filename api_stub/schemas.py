@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from worker.db.models import ChatRecord, LifecycleRunRecord, SessionRecord
+from worker.db.models import ChatMessageRecord, ChatRecord, LifecycleRunRecord, SessionRecord
 
 
 class CamelModel(BaseModel):
@@ -31,6 +31,12 @@ class SessionCreate(CamelModel):
         default=None, description="UUID of an organization the caller may use."
     )
     artist_id: uuid.UUID | None = Field(default=None, description="UUID of an artist account.")
+    idle_timeout_seconds: int | None = Field(
+        default=None, ge=1, description="Idle timeout of this session (operator default: null)."
+    )
+    max_lifetime_seconds: int | None = Field(
+        default=None, ge=1, description="Maximum sandbox lifetime (operator default: null)."
+    )
 
 
 class SessionUpdate(CamelModel):
@@ -40,6 +46,8 @@ class SessionUpdate(CamelModel):
     status: Literal["running", "completed", "failed", "archived"] | None = None
     lines_added: int | None = Field(default=None, ge=0)
     lines_removed: int | None = Field(default=None, ge=0)
+    idle_timeout_seconds: int | None = Field(default=None, ge=1)
+    max_lifetime_seconds: int | None = Field(default=None, ge=1)
 
 
 class SessionRead(CamelModel):
@@ -72,6 +80,8 @@ class SessionRead(CamelModel):
     cached_diff_updated_at: datetime | None
     status: str
     lifecycle_state: str
+    idle_timeout_seconds: int | None
+    max_lifetime_seconds: int | None
 
 
 class ChatRead(CamelModel):
@@ -83,6 +93,77 @@ class ChatRead(CamelModel):
     updated_at: datetime
     active_stream_id: str | None
     last_assistant_message_at: datetime | None
+
+
+class ChatListItem(ChatRead):
+    unread: bool
+
+
+class ChatEnvelope(BaseModel):
+    chat: ChatRead
+
+
+class ChatPage(BaseModel):
+    chats: list[ChatListItem]
+    next_cursor: str | None = Field(serialization_alias="nextCursor")
+
+
+class ChatWrite(CamelModel):
+    title: str | None = Field(default=None, max_length=200)
+    model_id: str | None = None
+
+
+class MessageWrite(CamelModel):
+    role: Literal["user", "assistant", "system", "tool"]
+    parts: list[dict[str, Any]] = Field(min_length=1, max_length=200)
+
+
+class MessageRead(CamelModel):
+    id: int
+    chat_id: str
+    role: str
+    parts: list[dict[str, Any]]
+    account_id: str | None
+    created_at: datetime
+
+
+class MessageEnvelope(BaseModel):
+    message: MessageRead
+
+
+class MessagePage(BaseModel):
+    messages: list[MessageRead]
+    next_after: int | None = Field(serialization_alias="nextAfter")
+
+
+class ReadMarker(CamelModel):
+    chat_id: str
+    last_read_message_id: int | None
+
+
+class StreamClaimWrite(CamelModel):
+    stream_id: str = Field(min_length=1, max_length=200)
+    ttl_seconds: float | None = Field(default=None, ge=1)
+
+
+class StreamRelease(CamelModel):
+    stream_id: str = Field(min_length=1, max_length=200)
+
+
+class StreamClaimRead(CamelModel):
+    chat_id: str
+    stream_id: str
+    claimed_at: datetime | None
+    expires_at: datetime | None
+
+
+class ExtendWrite(CamelModel):
+    seconds: int = Field(ge=1)
+
+
+class SessionExtended(BaseModel):
+    session: SessionRead
+    extended_by: int = Field(serialization_alias="extendedBy")
 
 
 class RunRead(CamelModel):
@@ -166,6 +247,8 @@ def session_dict(r: SessionRecord) -> dict[str, Any]:
         "cachedDiffUpdatedAt": r.cached_diff_updated_at and r.cached_diff_updated_at.isoformat(),
         "status": r.status,
         "lifecycleState": r.lifecycle_state,
+        "idleTimeoutSeconds": r.idle_timeout_seconds,
+        "maxLifetimeSeconds": r.max_lifetime_seconds,
     }
 
 
@@ -180,6 +263,26 @@ def chat_dict(c: ChatRecord) -> dict[str, Any]:
         "activeStreamId": c.active_stream_id,
         "lastAssistantMessageAt": c.last_assistant_message_at
         and c.last_assistant_message_at.isoformat(),
+    }
+
+
+def message_dict(m: ChatMessageRecord) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "chatId": str(m.chat_id),
+        "role": m.role,
+        "parts": m.parts,
+        "accountId": _s(m.account_id),
+        "createdAt": m.created_at.isoformat(),
+    }
+
+
+def stream_dict(c: ChatRecord) -> dict[str, Any]:
+    return {
+        "chatId": str(c.id),
+        "streamId": c.active_stream_id,
+        "claimedAt": c.stream_claimed_at and c.stream_claimed_at.isoformat(),
+        "expiresAt": c.stream_expires_at and c.stream_expires_at.isoformat(),
     }
 
 

@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     idle_timeout_seconds: float = Field(default=30 * 60, gt=0)
     max_lifetime_seconds: float = Field(default=5 * 3600, gt=0)
     hibernate_guard_seconds: float = Field(default=60, ge=0)
+    # Operator maxima for the per-session overrides (idleTimeoutSeconds,
+    # maxLifetimeSeconds) and for extend: a sandbox never lives longer than
+    # max_lifetime_limit_seconds from its start.
+    max_idle_timeout_seconds: int = Field(default=24 * 3600, gt=0)
+    max_lifetime_limit_seconds: int = Field(default=24 * 3600, gt=0)
+    # Stream claims: the TTL a claim gets unless it asks for one, and the longest allowed.
+    stream_claim_ttl_seconds: float = Field(default=60, gt=0)
+    max_stream_claim_ttl_seconds: float = Field(default=600, gt=0)
     lease_seconds: float = Field(default=15 * 60, gt=0)
     sweep_interval_seconds: float = Field(default=30, gt=0)
     relay_interval_seconds: float = Field(default=5, gt=0)
@@ -58,6 +66,8 @@ class Settings(BaseSettings):
     # over the GIL.
     api_create_threads: int = Field(default=4, gt=0, le=64)
     max_title_length: int = Field(default=200, gt=0)
+    # A chat message's encoded parts (the request body limit applies as well).
+    max_message_bytes: int = Field(default=60 * 1024, gt=0)
 
     log_level: str = "INFO"
     log_json: bool | None = None  # None: JSON when stderr is not a TTY

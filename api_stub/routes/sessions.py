@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from sqlalchemy import select
 
 from api_stub.deps import (
@@ -27,10 +28,12 @@ from api_stub.deps import (
 from api_stub.schemas import (
     CachedDiff,
     ErrorBody,
+    ExtendWrite,
     RunList,
     SessionCreate,
     SessionCreated,
     SessionEnvelope,
+    SessionExtended,
     SessionPage,
     SessionRun,
     SessionUpdate,
@@ -43,7 +46,7 @@ from worker.db.engine import get_sessionmaker
 from worker.db.models import LifecycleRunRecord, OutboxRecord
 from worker.domain.lifecycle import LifecycleState, RunKind, SessionStatus
 from worker.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
-from worker.services import accounts, idempotency, outbox, runs, sessions
+from worker.services import accounts, chats, idempotency, outbox, runs, sessions
 
 router = APIRouter(prefix="/api/sessions", tags=["sessions"])
 
@@ -106,7 +109,14 @@ def _count_field(data: dict[str, Any], key: str) -> int | None:
     return value
 
 
-def _json_body_doc(model: type[SessionCreate] | type[SessionUpdate]) -> dict[str, Any]:
+def _seconds_field(data: dict[str, Any], key: str) -> int | None:
+    value = _count_field(data, key)
+    if value == 0:
+        raise InvalidInput(f"{key} must be an integer >= 1", missing_fields=[key])
+    return value
+
+
+def _json_body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {
         "requestBody": {
             "required": False,
@@ -172,6 +182,8 @@ def _create_session(
             title=_str_field(data, "title"),
             organization_id=_uuid_field(data, "organizationId"),
             artist_id=_uuid_field(data, "artistId"),
+            idle_timeout_seconds=_seconds_field(data, "idleTimeoutSeconds"),
+            max_lifetime_seconds=_seconds_field(data, "maxLifetimeSeconds"),
         )
         if create.title is not None and len(create.title.strip()) > settings.max_title_length:
             raise InvalidInput(
@@ -280,6 +292,8 @@ def patch_session(
         status=status_value,
         lines_added=_count_field(data, "linesAdded"),
         lines_removed=_count_field(data, "linesRemoved"),
+        idle_timeout_seconds=_seconds_field(data, "idleTimeoutSeconds"),
+        max_lifetime_seconds=_seconds_field(data, "maxLifetimeSeconds"),
     )
     with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
@@ -295,7 +309,13 @@ def patch_session(
 
 
 def _kick(
-    request: Request, session_id: str, account: uuid.UUID, db: Any, kind: RunKind
+    request: Request,
+    session_id: str,
+    account: uuid.UUID,
+    db: Any,
+    kind: RunKind,
+    *,
+    force: bool = False,
 ) -> Response:
     with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
@@ -303,7 +323,14 @@ def _kick(
             record.status == SessionStatus.ARCHIVED.value and kind is not RunKind.ARCHIVE
         ):
             raise Conflict("Session is archived; set status to running to unarchive it first")
-        result = runs.kick(db, record, kind, "api")
+        if kind is RunKind.HIBERNATE and not force:
+            holder = chats.session_has_live_stream(db, record.id)
+            if holder is not None:
+                raise Conflict(
+                    f"A chat is streaming ({holder}); hibernate with ?force=true to stop it anyway",
+                    activeStreamId=holder,
+                )
+        result = runs.kick(db, record, kind, "force" if force else "api")
         payload = {"session": session_dict(record), "run": run_dict(result.run)}
     _publish(request, result.outbox)
     return JSONResponse(payload, status_code=202)
@@ -318,8 +345,17 @@ def kick_start(request: Request, session_id: str, account: AccountDep, db: DbDep
 
 
 @router.post("/{session_id}/hibernate", summary="Hibernate the sandbox", **_KICK_DOC)
-def kick_hibernate(request: Request, session_id: str, account: AccountDep, db: DbDep) -> Response:
-    return _kick(request, session_id, account, db, RunKind.HIBERNATE)
+def kick_hibernate(
+    request: Request,
+    session_id: str,
+    account: AccountDep,
+    db: DbDep,
+    force: Annotated[
+        bool, Query(description="hibernate even while a chat's stream claim is live")
+    ] = False,
+) -> Response:
+    """409 while a chat of the session holds a live stream claim, unless ``force``."""
+    return _kick(request, session_id, account, db, RunKind.HIBERNATE, force=force)
 
 
 @router.post("/{session_id}/snapshots", summary="Take a snapshot", **_KICK_DOC)
@@ -344,6 +380,29 @@ def activity(session_id: str, account: AccountDep, db: DbDep, settings: Settings
         sessions.record_activity(db, settings, record)
         data = session_dict(record)
     return JSONResponse({"session": data})
+
+
+@router.post(
+    "/{session_id}/extend",
+    response_model=SessionExtended,
+    responses=_ERRORS,
+    openapi_extra=_json_body_doc(ExtendWrite),
+    summary="Extend the sandbox's lifetime",
+)
+def extend(
+    session_id: str, account: AccountDep, db: DbDep, body: BodyDep, settings: SettingsDep
+) -> Response:
+    """Move ``sandboxExpiresAt`` out by ``seconds``, up to the operator's maximum lifetime
+    from the sandbox's start (409 when not active or already there)."""
+    data, _ = body
+    seconds = _seconds_field(data, "seconds")
+    if seconds is None:
+        raise InvalidInput("seconds is required", missing_fields=["seconds"])
+    with transaction(db):
+        record = sessions.get_owned(db, account, session_id, lock=True)
+        added = sessions.extend_session(db, settings, record, seconds)
+        payload = {"session": session_dict(record), "extendedBy": added}
+    return JSONResponse(payload)
 
 
 @router.get(

@@ -135,3 +135,40 @@ def test_two_sweeps_at_once_queue_each_session_once(
     assert len(runs) == 300 and {r.session_id for r in runs} == due
     with get_sessionmaker()() as db:
         assert db.scalar(select(func.count()).select_from(LifecycleRunRecord)) == 300
+
+
+def test_the_sweep_skips_live_stream_claims_and_takes_expired_ones(
+    db_clean: dict[str, str], redis_client: Any
+) -> None:
+    due = sorted(_seed(3, 3))
+    live, expired, renewed = due
+    with get_sessionmaker().begin() as db:
+        for sid, expires in (
+            (live, "now() + interval '1 minute'"),
+            (expired, "now() - interval '1 second'"),
+            (renewed, "now() + interval '30 seconds'"),
+        ):
+            db.execute(
+                text(
+                    "INSERT INTO chats (id, session_id, title, active_stream_id,"
+                    " stream_claimed_at, stream_expires_at, created_at, updated_at)"
+                    f" VALUES (gen_random_uuid(), :sid, 'c', 'turn', now(), {expires},"
+                    " now(), now())"
+                ),
+                {"sid": sid},
+            )
+    # A claim never released expires: the session is taken. Live claims keep theirs.
+    assert hibernate_idle(_service()) == {"queued": 1}
+    assert {r.session_id for r in _hibernate_runs()} == {expired}
+    # The claim that kept its heartbeat stops doing so: it expires, and the next sweep
+    # takes that session too.
+    with get_sessionmaker().begin() as db:
+        db.execute(
+            text(
+                "UPDATE chats SET stream_expires_at = now() - interval '1 second'"
+                " WHERE session_id = :sid"
+            ),
+            {"sid": renewed},
+        )
+    assert hibernate_idle(_service()) == {"queued": 1}
+    assert {r.session_id for r in _hibernate_runs()} == {expired, renewed}

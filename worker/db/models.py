@@ -127,6 +127,9 @@ class SessionRecord(Base):
     cached_diff_updated_at: Mapped[datetime | None]
 
     archived_at: Mapped[datetime | None]
+    # Per-session overrides of the operator's defaults (NULL: the default).
+    idle_timeout_seconds: Mapped[int | None] = mapped_column(Integer)
+    max_lifetime_seconds: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)
     updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
 
@@ -166,6 +169,10 @@ class ChatRecord(Base):
     title: Mapped[str] = mapped_column(Text)
     model_id: Mapped[str | None] = mapped_column(Text)
     active_stream_id: Mapped[str | None] = mapped_column(Text)
+    # A stream claim is live until this time unless its holder renews it (NULL: a claim
+    # made without a TTL, live until released).
+    stream_claimed_at: Mapped[datetime | None]
+    stream_expires_at: Mapped[datetime | None]
     last_assistant_message_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)
     updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
@@ -178,6 +185,38 @@ class ChatRecord(Base):
             postgresql_where=text("active_stream_id IS NOT NULL"),
         ),
     )
+
+
+class ChatMessageRecord(Base):
+    """One message of a chat's append-only transcript."""
+
+    __tablename__ = "chat_messages"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    chat_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(String(20))
+    parts: Mapped[list[Any]]
+    account_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("accounts.id", ondelete="SET NULL")
+    )
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+    __table_args__ = (Index("ix_chat_messages_chat", "chat_id", "id"),)
+
+
+class ChatReadRecord(Base):
+    """How far an account has read a chat."""
+
+    __tablename__ = "chat_reads"
+
+    chat_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("chats.id", ondelete="CASCADE"), primary_key=True
+    )
+    account_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    last_read_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    read_at: Mapped[datetime] = mapped_column(server_default=NOW)
 
 
 class LifecycleRunRecord(Base):

@@ -180,11 +180,12 @@ WITH s AS (
     INSERT INTO sessions (id, user_id, organization_id, artist_id, title, title_generated,
         status, is_new_branch, global_skill_refs, lifecycle_state, lifecycle_version,
         repo_owner, repo_name, branch, clone_url, sandbox_state, lines_added, lines_removed,
-        created_at, updated_at)
+        idle_timeout_seconds, max_lifetime_seconds, created_at, updated_at)
     VALUES (:id, :user_id, :organization_id, :artist_id, :title, :title_generated,
         :status, :is_new_branch, '[]'::jsonb, :lifecycle_state, :lifecycle_version,
         :repo_owner, :repo_name, :branch, :clone_url, CAST(:sandbox_state AS jsonb),
-        :lines_added, :lines_removed, :created_at, :updated_at)
+        :lines_added, :lines_removed, :idle_timeout_seconds, :max_lifetime_seconds,
+        :created_at, :updated_at)
     ON CONFLICT (user_id, title) WHERE title_generated DO NOTHING
     RETURNING id
 ), c AS (
@@ -205,9 +206,14 @@ RETURNING id
 
 # ----------------------------------------------------------------- the claim statement
 _NOT_ARCHIVED = "s.lifecycle_state <> 'archived'"
+#: A stream claim holds while it is set and not expired (a claim without a TTL holds
+#: until released); the partial index ``ix_chats_active_stream`` serves it.
+LIVE_STREAM = (
+    "c.active_stream_id IS NOT NULL"
+    " AND (c.stream_expires_at IS NULL OR c.stream_expires_at > now())"
+)
 _NO_ACTIVE_STREAM = (
-    "NOT EXISTS (SELECT 1 FROM chats c"
-    " WHERE c.session_id = s.id AND c.active_stream_id IS NOT NULL)"
+    f"NOT EXISTS (SELECT 1 FROM chats c WHERE c.session_id = s.id AND {LIVE_STREAM})"
 )
 #: The one due rule (SPEC §4, ``domain.lifecycle.hibernate_due_at`` in Python): a session
 #: is due when now >= min(hibernateAfter, sandboxExpiresAt - guard). ``{guard}`` is the
@@ -219,9 +225,11 @@ _DUE = DUE_RULE.format(guard="%(guard)s")
 ELIGIBILITY: dict[RunKind, str] = {
     RunKind.PROVISION: _NOT_ARCHIVED,
     RunKind.START: f"{_NOT_ARCHIVED} AND s.status <> 'archived' AND s.provisioned_at IS NOT NULL",
-    # Hibernation never while a chat streams; a sweep's run also only while still due.
+    # Hibernation never while a chat streams (unless forced); a sweep's run also only
+    # while still due.
     RunKind.HIBERNATE: (
-        f"s.lifecycle_state = 'active' AND {_NO_ACTIVE_STREAM}"
+        f"s.lifecycle_state = 'active'"
+        f" AND ((SELECT trigger FROM run) = 'force' OR {_NO_ACTIVE_STREAM})"
         f" AND ((SELECT trigger FROM run) <> 'sweep' OR {_DUE})"
     ),
     RunKind.SNAPSHOT: "s.lifecycle_state = 'active'",
@@ -243,7 +251,7 @@ CLAIM_STATE: dict[RunKind, str] = {
 
 _VIEW_COLUMNS = (
     "id, lifecycle_version, lifecycle_state, sandbox_state, snapshot_url, snapshot_created_at,"
-    " repo_owner, repo_name, branch, clone_url"
+    " repo_owner, repo_name, branch, clone_url, idle_timeout_seconds, max_lifetime_seconds"
 )
 
 

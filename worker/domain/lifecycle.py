@@ -6,6 +6,7 @@ import random
 import uuid
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Protocol
 
 
 class LifecycleState(StrEnum):
@@ -106,6 +107,22 @@ def backoff_delay(
     ceiling = min(cap_seconds, base_seconds * float(2 ** max(0, attempts - 1)))
     delay = random.uniform(0, ceiling)
     return delay if retry_after is None else max(delay, retry_after)
+
+
+# ----------------------------------------------------------------- timeouts
+class TimeoutDefaults(Protocol):
+    idle_timeout_seconds: float
+    max_lifetime_seconds: float
+
+
+def session_timeouts(
+    defaults: TimeoutDefaults, idle_seconds: int | None, lifetime_seconds: int | None
+) -> tuple[float, float]:
+    """A session's idle timeout and maximum lifetime: its own, else the operator's."""
+    return (
+        float(idle_seconds) if idle_seconds else defaults.idle_timeout_seconds,
+        float(lifetime_seconds) if lifetime_seconds else defaults.max_lifetime_seconds,
+    )
 
 
 # ----------------------------------------------------------------- names

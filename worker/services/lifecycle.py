@@ -99,6 +99,8 @@ class SessionView:
     repo_name: str | None
     branch: str | None
     clone_url: str | None
+    idle_timeout_seconds: int | None = None
+    max_lifetime_seconds: int | None = None
 
 
 @dataclass(slots=True)
@@ -299,7 +301,7 @@ class LifecycleService:
                 "a chat has an active stream"
                 if run.trigger != "sweep"
                 else "not due or a chat has an active stream"
-            )
+            )  # a forced run is never refused for a stream
         if kind in (RunKind.SNAPSHOT, RunKind.DIFF):
             return f"no live sandbox (state {state})"
         if kind is RunKind.START and current.provisioned_at is None:

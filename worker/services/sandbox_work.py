@@ -11,7 +11,12 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from worker.config import Settings
-from worker.domain.lifecycle import LifecycleState, sandbox_name, snapshot_key
+from worker.domain.lifecycle import (
+    LifecycleState,
+    sandbox_name,
+    session_timeouts,
+    snapshot_key,
+)
 from worker.logging import get_logger
 from worker.providers.base import PermanentProviderError
 from worker.providers.registry import Providers
@@ -65,7 +70,10 @@ class SandboxWork:
                 name, url, s.branch, env, base_branch=self.settings.default_branch
             )
         now = datetime.now(UTC)
-        expires = now + timedelta(seconds=self.settings.max_lifetime_seconds)
+        idle, lifetime = session_timeouts(
+            self.settings, s.idle_timeout_seconds, s.max_lifetime_seconds
+        )
+        expires = now + timedelta(seconds=lifetime)
         state: dict[str, Any] = {
             "type": sandbox.kind,
             "sandboxName": name,
@@ -78,7 +86,7 @@ class SandboxWork:
             "lifecycle_state": ACTIVE,
             "sandbox_state": state,
             "last_activity_at": now,
-            "hibernate_after": now + timedelta(seconds=self.settings.idle_timeout_seconds),
+            "hibernate_after": now + timedelta(seconds=idle),
             "sandbox_expires_at": expires,
         }
 

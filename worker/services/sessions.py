@@ -16,8 +16,14 @@ from sqlalchemy.orm import Session
 from worker.config import Settings
 from worker.db import statements
 from worker.db.models import ChatRecord, LifecycleRunRecord, OutboxRecord, SessionRecord
-from worker.domain.lifecycle import LifecycleState, RunKind, RunState, SessionStatus
-from worker.errors import Forbidden, InvalidInput, NotFound
+from worker.domain.lifecycle import (
+    LifecycleState,
+    RunKind,
+    RunState,
+    SessionStatus,
+    session_timeouts,
+)
+from worker.errors import Conflict, Forbidden, InvalidInput, NotFound
 from worker.services import accounts, outbox, runs
 
 _ADJECTIVES = [
@@ -115,6 +121,8 @@ class CreateSession:
     title: str | None = None
     organization_id: uuid.UUID | None = None
     artist_id: uuid.UUID | None = None
+    idle_timeout_seconds: int | None = None
+    max_lifetime_seconds: int | None = None
 
 
 @dataclass
@@ -152,6 +160,7 @@ def create_session(
             f"title must be at most {settings.max_title_length} characters",
             missing_fields=["title"],
         )
+    validate_timeouts(settings, data.idle_timeout_seconds, data.max_lifetime_seconds)
     now = datetime.now(UTC)
     owner, name = workspace_repo(settings, account_id, data.organization_id)
     session_id = uuid.uuid4()
@@ -174,6 +183,8 @@ def create_session(
         "sandbox_state": {"type": sandbox_type},
         "lines_added": 0,
         "lines_removed": 0,
+        "idle_timeout_seconds": data.idle_timeout_seconds,
+        "max_lifetime_seconds": data.max_lifetime_seconds,
         "created_at": now,
         "updated_at": now,
     }
@@ -246,6 +257,8 @@ class SessionPatch:
     status: SessionStatus | None = None
     lines_added: int | None = None
     lines_removed: int | None = None
+    idle_timeout_seconds: int | None = None
+    max_lifetime_seconds: int | None = None
 
 
 def patch_session(
@@ -281,10 +294,86 @@ def patch_session(
                 # Un-archive is a lifecycle transition of its own: archived -> hibernated.
                 record.lifecycle_state = LifecycleState.HIBERNATED.value
                 record.lifecycle_version += 1
+    if patch.idle_timeout_seconds is not None or patch.max_lifetime_seconds is not None:
+        _apply_timeouts(settings, record, patch.idle_timeout_seconds, patch.max_lifetime_seconds)
+        changed = True
     if changed:
         record.updated_at = datetime.now(UTC)
     db.flush()
     return jobs
+
+
+def validate_timeouts(settings: Settings, idle: int | None, lifetime: int | None) -> None:
+    """Per-session timeouts are whole seconds within the operator's maxima."""
+    for value, field_name, maximum in (
+        (idle, "idleTimeoutSeconds", settings.max_idle_timeout_seconds),
+        (lifetime, "maxLifetimeSeconds", settings.max_lifetime_limit_seconds),
+    ):
+        if value is not None and not 1 <= value <= maximum:
+            raise InvalidInput(
+                f"{field_name} must be an integer from 1 to {maximum}",
+                missing_fields=[field_name],
+            )
+
+
+def _sandbox_started_at(record: SessionRecord) -> datetime | None:
+    started = (record.sandbox_state or {}).get("startedAt")
+    try:
+        return datetime.fromisoformat(started) if isinstance(started, str) else None
+    except ValueError:
+        return None
+
+
+def _apply_timeouts(
+    settings: Settings, record: SessionRecord, idle: int | None, lifetime: int | None
+) -> None:
+    """Set the overrides; on a live sandbox move its deadlines to match at once."""
+    validate_timeouts(settings, idle, lifetime)
+    if idle is not None:
+        record.idle_timeout_seconds = idle
+    if lifetime is not None:
+        record.max_lifetime_seconds = lifetime
+    if record.lifecycle_state != LifecycleState.ACTIVE.value:
+        return  # the next start computes them
+    idle_s, lifetime_s = session_timeouts(
+        settings, record.idle_timeout_seconds, record.max_lifetime_seconds
+    )
+    if idle is not None:
+        base = record.last_activity_at or datetime.now(UTC)
+        record.hibernate_after = base + timedelta(seconds=idle_s)
+    started = _sandbox_started_at(record)
+    if lifetime is not None and started is not None:
+        record.sandbox_expires_at = started + timedelta(seconds=lifetime_s)
+
+
+def extend_session(db: Session, settings: Settings, record: SessionRecord, seconds: int) -> int:
+    """Move an active sandbox's ``sandboxExpiresAt`` out by ``seconds``, never past its
+    start + the operator's ``max_lifetime_limit_seconds``. Returns the seconds added
+    (409 when the session is not active or already at the limit)."""
+    if record.lifecycle_state != LifecycleState.ACTIVE.value:
+        raise Conflict(
+            f"Session is {record.lifecycle_state}; start it before extending its lifetime",
+            lifecycleState=record.lifecycle_state,
+        )
+    started = _sandbox_started_at(record)
+    current = record.sandbox_expires_at
+    if started is None or current is None:
+        raise Conflict("Session has no sandbox lifetime to extend")
+    limit = started + timedelta(seconds=settings.max_lifetime_limit_seconds)
+    new = min(current + timedelta(seconds=seconds), limit)
+    added = int((new - current).total_seconds())
+    if added <= 0:
+        raise Conflict(
+            f"Session is already at the maximum lifetime ({settings.max_lifetime_limit_seconds} s)",
+            sandboxExpiresAt=current.isoformat(),
+        )
+    record.sandbox_expires_at = new
+    record.updated_at = datetime.now(UTC)
+    sandbox_state = dict(record.sandbox_state or {})
+    sandbox_state["expiresAt"] = new.isoformat()
+    record.sandbox_state = sandbox_state
+    db.flush()
+    return added
 
 
 def _withdraw_archive(db: Session, record: SessionRecord) -> list[OutboxRecord]:
@@ -376,7 +465,12 @@ def record_activity(db: Session, settings: Settings, record: SessionRecord) -> b
         )
         .values(
             last_activity_at=now,
-            hibernate_after=now + timedelta(seconds=settings.idle_timeout_seconds),
+            hibernate_after=now
+            + timedelta(
+                seconds=session_timeouts(
+                    settings, record.idle_timeout_seconds, record.max_lifetime_seconds
+                )[0]
+            ),
             updated_at=now,
         )
         .execution_options(synchronize_session=False)
