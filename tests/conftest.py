@@ -79,7 +79,8 @@ def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 
 
 TABLES = (
-    "outbox, idempotency_keys, lifecycle_runs, chats, sessions, api_keys, org_memberships, accounts"
+    "outbox, idempotency_keys, lifecycle_runs, chats, sessions, api_keys, org_memberships,"
+    " accounts, worker_hosts"
 )
 
 

@@ -13,8 +13,10 @@ from celery import Celery
 from worker.config import Settings, get_settings
 from worker.task_names import (  # noqa: F401 -- re-exported: the names Celery users know
     DEFAULT_QUEUE,
+    SWEEP_CHECKPOINTS,
     SWEEP_EXPIRE_SNAPSHOTS,
     SWEEP_HIBERNATE_IDLE,
+    SWEEP_LOST_HOSTS,
     SWEEP_REAP_RUNS,
     SWEEP_RELAY_OUTBOX,
     TASK_ARCHIVE,
@@ -74,6 +76,21 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
         },
         SWEEP_REAP_RUNS: {"task": SWEEP_REAP_RUNS, "schedule": settings.reap_interval_seconds},
         SWEEP_EXPIRE_SNAPSHOTS: {"task": SWEEP_EXPIRE_SNAPSHOTS, "schedule": 24 * 3600.0},
+        # A quarter of the silence that declares a host lost: detected within 1.25x.
+        SWEEP_LOST_HOSTS: {
+            "task": SWEEP_LOST_HOSTS,
+            "schedule": max(1.0, settings.host_lost_after_seconds / 4),
+        },
+        **(
+            {
+                SWEEP_CHECKPOINTS: {
+                    "task": SWEEP_CHECKPOINTS,
+                    "schedule": max(1.0, min(60.0, settings.checkpoint_interval_seconds / 4)),
+                }
+            }
+            if settings.checkpoint_interval_seconds > 0
+            else {}
+        ),
     }
 
 

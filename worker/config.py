@@ -53,6 +53,16 @@ class Settings(BaseSettings):
     relay_interval_seconds: float = Field(default=5, gt=0)
     reap_interval_seconds: float = Field(default=60, gt=0)
     sweep_batch_size: int = Field(default=200, gt=0)
+    # This worker host's name: its queue is lifecycle.host.<hostname> (default: the
+    # machine's host name). Two workers on one machine acting as two hosts need two.
+    hostname: str | None = None
+    # Worker hosts beat this often; one silent for host_lost_after_seconds is declared
+    # lost and its sessions go back to their last snapshot.
+    host_heartbeat_seconds: float = Field(default=10, gt=0)
+    host_lost_after_seconds: float = Field(default=60, gt=0)
+    # Active sandboxes with activity since their last snapshot are snapshotted this often
+    # (0: never), which bounds the work a lost host costs.
+    checkpoint_interval_seconds: float = Field(default=15 * 60, ge=0)
     snapshot_retention_days: float = Field(default=30, gt=0)
 
     task_max_retries: int = Field(default=5, ge=0)

@@ -18,13 +18,28 @@ from worker.task_names import DEFAULT_QUEUE
 _SANDBOX_BOUND = frozenset({"hibernate", "snapshot", "diff", "archive"})
 
 
+def this_host() -> str:
+    """This worker host's name: ``LIFECYCLE_HOSTNAME``, else the machine's."""
+    from worker.config import get_settings
+
+    return get_settings().hostname or socket.gethostname()
+
+
 def host_queue(hostname: str | None = None) -> str:
     """The per-host queue a worker on ``hostname`` also consumes."""
-    return f"{DEFAULT_QUEUE}.host.{hostname or socket.gethostname()}"
+    return f"{DEFAULT_QUEUE}.host.{hostname or this_host()}"
 
 
 def queue_for(kind: str, sandbox_state: Mapping[str, Any] | None) -> str:
-    """The queue for a run of ``kind`` on a session whose sandbox is ``sandbox_state``."""
-    if kind in _SANDBOX_BOUND and sandbox_state and sandbox_state.get("queue"):
+    """The queue for a run of ``kind`` on a session whose sandbox is ``sandbox_state``.
+
+    A start restores from a snapshot: from a shared store (S3) any host may do it, so it
+    goes to the default queue; a snapshot in a host's own store (``file``) can only be
+    restored there, so the resting state names that host (``snapshotQueue``)."""
+    if not sandbox_state:
+        return DEFAULT_QUEUE
+    if kind in _SANDBOX_BOUND and sandbox_state.get("queue"):
         return str(sandbox_state["queue"])
+    if kind == "start" and sandbox_state.get("snapshotQueue"):
+        return str(sandbox_state["snapshotQueue"])
     return DEFAULT_QUEUE

@@ -15,6 +15,8 @@ SWEEP_HIBERNATE_IDLE = "sweeps.hibernate_idle"
 SWEEP_RELAY_OUTBOX = "sweeps.relay_outbox"
 SWEEP_REAP_RUNS = "sweeps.reap_runs"
 SWEEP_EXPIRE_SNAPSHOTS = "sweeps.expire_snapshots"
+SWEEP_LOST_HOSTS = "sweeps.lost_hosts"
+SWEEP_CHECKPOINTS = "sweeps.checkpoints"
 
 DEFAULT_QUEUE = "lifecycle"
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 from celery import Task
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -24,11 +24,13 @@ from worker.domain.lifecycle import OutcomeStatus, RunKind
 from worker.logging import configure_logging, get_logger
 from worker.providers.broker import CeleryPublisher
 from worker.providers.registry import build_providers
-from worker.services import sweeps
+from worker.services import hosts, sweeps
 from worker.services.lifecycle import LifecycleService
 from worker.task_names import (
+    SWEEP_CHECKPOINTS,
     SWEEP_EXPIRE_SNAPSHOTS,
     SWEEP_HIBERNATE_IDLE,
+    SWEEP_LOST_HOSTS,
     SWEEP_REAP_RUNS,
     SWEEP_RELAY_OUTBOX,
     TASK_ARCHIVE,
@@ -56,6 +58,28 @@ def _fresh_process(**_: Any) -> None:
     # A forked pool process must not share the parent's database sockets.
     reset_engine()
     service.cache_clear()
+
+
+_heartbeat: hosts.Heartbeat | None = None
+
+
+@worker_ready.connect
+def _start_heartbeat(**_: Any) -> None:
+    """This host beats from the worker's main process while it consumes its queue."""
+    global _heartbeat
+    from worker.routing import host_queue, this_host
+
+    settings = get_settings()
+    _heartbeat = hosts.Heartbeat(
+        settings.database_url, this_host(), host_queue(), settings.host_heartbeat_seconds
+    )
+    _heartbeat.start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
 
 
 @lru_cache(maxsize=1)
@@ -170,3 +194,15 @@ def reap_runs() -> dict[str, Any]:
 def expire_snapshots() -> dict[str, Any]:
     """Delete snapshots of sessions archived longer than the retention."""
     return _sweep(SWEEP_EXPIRE_SNAPSHOTS, sweeps.expire_snapshots)
+
+
+@app.task(name=SWEEP_LOST_HOSTS)
+def lost_hosts() -> dict[str, Any]:
+    """Declare silent worker hosts lost and set their sessions back to a checkpoint."""
+    return _sweep(SWEEP_LOST_HOSTS, hosts.recover_lost_hosts)
+
+
+@app.task(name=SWEEP_CHECKPOINTS)
+def checkpoints() -> dict[str, Any]:
+    """Snapshot active sandboxes with activity since their last snapshot."""
+    return _sweep(SWEEP_CHECKPOINTS, sweeps.checkpoint_active)

@@ -31,7 +31,7 @@ from worker.db.engine import get_sessionmaker
 from worker.domain.lifecycle import FINISHED_RUN_STATES, OPEN_RUN_STATES, LifecycleState, RunKind
 from worker.logging import get_logger
 from worker.routing import host_queue
-from worker.services import outbox, sweep_stats
+from worker.services import hosts, outbox, sweep_stats
 from worker.task_names import DEFAULT_QUEUE
 
 log = get_logger(__name__)
@@ -96,6 +96,29 @@ class DatabaseCollector(Collector):
         yield from families
         yield from self._from_broker()
 
+    @staticmethod
+    def _hosts(db: Session) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "lifecycle_worker_host_up", "1 while a worker host beats, 0 once lost.", labels=["host"]
+        )
+        age = GaugeMetricFamily(
+            "lifecycle_worker_host_heartbeat_age_seconds",
+            "Seconds since the host's last heartbeat.",
+            labels=["host"],
+        )
+        recovered = GaugeMetricFamily(
+            "lifecycle_worker_host_sessions_recovered",
+            "Sessions set back to a checkpoint when the host was last declared lost.",
+            labels=["host"],
+        )
+        for row in hosts.host_rows(db):
+            up.add_metric([row["hostname"]], 1 if row["state"] == "alive" else 0)
+            age.add_metric([row["hostname"]], row["beat_age_seconds"])
+            recovered.add_metric([row["hostname"]], row["sessions_recovered"])
+        yield up
+        yield age
+        yield recovered
+
     # ------------------------------------------------------------------ database
     def _from_database(self, db: Session) -> Iterator[Metric]:
         sessions = GaugeMetricFamily(
@@ -107,6 +130,7 @@ class DatabaseCollector(Collector):
         for state, count in sorted(by_state.items()):
             sessions.add_metric([state], count)
         yield sessions
+        yield from self._hosts(db)
 
         finished = {(k.value, s.value): 0 for k in RunKind for s in FINISHED_RUN_STATES}
         open_runs = {(k.value, s.value): 0 for k in RunKind for s in OPEN_RUN_STATES}

@@ -289,6 +289,20 @@ class IdempotencyKeyRecord(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=NOW, index=True)
 
 
+class WorkerHostRecord(Base):
+    """A worker host and its heartbeat (``alive`` until it misses its beats: ``lost``)."""
+
+    __tablename__ = "worker_hosts"
+
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queue: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(20), server_default="alive")
+    started_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    last_beat_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    lost_at: Mapped[datetime | None]
+    sessions_recovered: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+
+
 class SweepRunRecord(Base):
     """One row per scheduled sweep: its last run and running totals (for ``/metrics``).
 

@@ -440,3 +440,25 @@ LIMIT :batch
 FOR UPDATE OF s SKIP LOCKED
 """
 ).columns(id=PG_UUID(as_uuid=True), lifecycle_version=Integer, sandbox_state=JSONB)
+
+
+#: Active, unleased sandboxes with activity since their last snapshot, whose last
+#: snapshot (or start) is older than ``:interval``, with no open run (``:batch``).
+CHECKPOINT_CANDIDATES = text(
+    """
+SELECT s.id, s.lifecycle_version, s.sandbox_state FROM sessions AS s
+WHERE s.lifecycle_state = 'active'
+    AND s.lifecycle_run_id IS NULL
+    AND s.last_activity_at > coalesce(s.snapshot_created_at, '-infinity'::timestamptz)
+    AND coalesce(
+        s.snapshot_created_at, (s.sandbox_state ->> 'startedAt')::timestamptz, s.last_activity_at
+    ) <= now() - :interval
+    AND NOT EXISTS (
+        SELECT 1 FROM lifecycle_runs AS r
+        WHERE r.session_id = s.id AND r.state IN ('pending', 'queued', 'running')
+    )
+ORDER BY s.snapshot_created_at NULLS FIRST
+LIMIT :batch
+FOR UPDATE OF s SKIP LOCKED
+"""
+).columns(id=PG_UUID(as_uuid=True), lifecycle_version=Integer, sandbox_state=JSONB)

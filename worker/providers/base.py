@@ -149,6 +149,8 @@ class SnapshotStore(Protocol):
     """Where snapshots of sandbox working trees are kept."""
 
     kind: str
+    #: Whether every worker host reads the same store (S3): then any host may restore.
+    shared: bool
 
     def save(self, key: str, source_dir: Path) -> SnapshotInfo:
         """Archive ``source_dir`` whole (``.git``, uncommitted and untracked files) under

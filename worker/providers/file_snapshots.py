@@ -404,6 +404,7 @@ class FileSnapshotStore:
     """:class:`~worker.providers.base.SnapshotStore` over ``.tar.zst`` files on disk."""
 
     kind = "file"
+    shared = False  # files on this host's disk
 
     def __init__(
         self,

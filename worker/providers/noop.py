@@ -91,6 +91,7 @@ class NoopSnapshotStore:
     """A snapshot store that keeps nothing (every snapshot is empty)."""
 
     kind = "noop"
+    shared = True
 
     def save(self, key: str, source_dir: Path) -> SnapshotInfo:
         return SnapshotInfo(

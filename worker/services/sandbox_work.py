@@ -91,8 +91,15 @@ class SandboxWork:
         }
 
     def resting_state(self, s: SessionView) -> dict[str, Any]:
-        """What ``sandboxState`` keeps while no sandbox runs: only what resuming needs."""
-        return {"type": self.providers.sandbox.kind, "sandboxName": sandbox_name(s.id)}
+        """What ``sandboxState`` keeps while no sandbox runs: only what resuming needs —
+        and, when snapshots stay on this host's own disk, which host can restore them."""
+        state: dict[str, Any] = {
+            "type": self.providers.sandbox.kind,
+            "sandboxName": sandbox_name(s.id),
+        }
+        if not getattr(self.providers.snapshots, "shared", False):
+            state["snapshotQueue"] = self.queue
+        return state
 
     def require_sandbox(self, s: SessionView) -> str:
         name = sandbox_name(s.id)

@@ -139,11 +139,14 @@ _INSERT_RUNS = _insert_runs_stmt()
 _INSERT_JOBS = _insert_jobs_stmt()
 
 
-def _queue_hibernate_runs(
-    db: Session, due: Sequence[Row[uuid.UUID, int, dict[str, Any]]]
+def _queue_runs(
+    db: Session,
+    due: Sequence[Row[uuid.UUID, int, dict[str, Any]]],
+    kind: RunKind = RunKind.HIBERNATE,
+    trigger: str = "sweep",
 ) -> list[OutboxRow]:
-    """What ``runs.enqueue(db, s, runs.new_run(db, s, HIBERNATE, "sweep"))`` does for
-    each locked candidate, in two statements: a queued run (trigger ``sweep``) issued
+    """What ``runs.enqueue(db, s, runs.new_run(db, s, kind, trigger))`` does for each
+    locked candidate, in two statements: a queued run (``trigger``) issued
     against the session's version, and its job in the outbox, claimed for publishing
     right after commit as ``outbox.add(claim=True)`` records it. Returns the jobs as
     ``(id, task_name, payload, queue)`` rows, in id order."""
@@ -156,8 +159,8 @@ def _queue_hibernate_runs(
             "run_ids": run_ids,
             "session_ids": [sid for sid, _v, _st in due],
             "versions": [version for _sid, version, _st in due],
-            "kind": RunKind.HIBERNATE.value,
-            "trigger": "sweep",
+            "kind": kind.value,
+            "trigger": trigger,
             "state": RunState.QUEUED.value,
             "attempts": 0,
             "now": now,
@@ -166,11 +169,11 @@ def _queue_hibernate_runs(
     jobs = {
         job.task_id: job
         for job in (
-            statements.job_for(RunKind.HIBERNATE, sid, rid, version, sandbox_state)
+            statements.job_for(kind, sid, rid, version, sandbox_state)
             for (sid, version, sandbox_state), rid in zip(due, run_ids, strict=True)
         )
     }
-    task_name = TASK_FOR_KIND[RunKind.HIBERNATE]
+    task_name = TASK_FOR_KIND[kind]
     ids = conn.execute(
         _INSERT_JOBS,
         {
@@ -194,7 +197,7 @@ def hibernate_idle(svc: LifecycleService) -> dict[str, Any]:
             due = db.execute(
                 due_candidates_query(settings.hibernate_guard_seconds, settings.sweep_batch_size)
             ).all()
-            jobs = _queue_hibernate_runs(db, due) if due else []
+            jobs = _queue_runs(db, due) if due else []
         # After the commit, in one broker round trip, then one UPDATE marks them sent.
         if jobs and svc.publisher is not None:
             outbox.publish_rows(svc.factory, jobs, svc.publisher)
@@ -202,6 +205,26 @@ def hibernate_idle(svc: LifecycleService) -> dict[str, Any]:
         if len(due) < settings.sweep_batch_size:
             break
     return {"queued": queued}
+
+
+def checkpoint_active(svc: LifecycleService) -> dict[str, Any]:
+    """Queue a snapshot run (trigger ``checkpoint``) for every active sandbox with
+    activity since its last snapshot, once per ``checkpoint_interval_seconds``: what a
+    lost host can cost is bounded by that interval. Superseded snapshots are deleted
+    when the new one is recorded."""
+    interval = svc.settings.checkpoint_interval_seconds
+    if interval <= 0:
+        return {"queued": 0}
+    with svc.factory.begin() as db:
+        due = db.execute(
+            statements.CHECKPOINT_CANDIDATES.bindparams(
+                interval=timedelta(seconds=interval), batch=svc.settings.sweep_batch_size
+            )
+        ).all()
+        jobs = _queue_runs(db, due, RunKind.SNAPSHOT, "checkpoint") if due else []
+    if jobs and svc.publisher is not None:
+        outbox.publish_rows(svc.factory, jobs, svc.publisher)
+    return {"queued": len(due)}
 
 
 def relay_outbox(svc: LifecycleService) -> dict[str, Any]:
