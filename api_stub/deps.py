@@ -71,13 +71,15 @@ Authorization = Annotated[str | None, Header(description="Bearer <API key>")]
 
 
 def current_account(
-    db: DbDep, x_api_key: XApiKey = None, authorization: Authorization = None
+    request: Request, db: DbDep, x_api_key: XApiKey = None, authorization: Authorization = None
 ) -> uuid.UUID:
     """Exactly one of ``x-api-key`` or ``Authorization: Bearer`` identifies the caller."""
     key = api_key_of(x_api_key, authorization)
     # The lookup opens the request's transaction; the route goes on in it (one pooled
     # connection and one commit per request), through ``transaction(db)``.
-    return accounts.authenticate(db, key)
+    account = accounts.authenticate(db, key)
+    request.state.account_id = account  # for the access-log line (api_stub/access_log.py)
+    return account
 
 
 AccountDep = Annotated[uuid.UUID, Depends(current_account)]

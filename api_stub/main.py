@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api_stub import errors
+from api_stub.access_log import AccessLog
 from api_stub.routes import chats, health, metrics, sessions
 from worker.celery_app import create_celery
 from worker.config import Settings, get_settings
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.background_publisher = BackgroundPublisher(get_sessionmaker, app.state.publisher)
     app.state.repo_host = build_repo_host(settings)
     errors.install(app)
+    app.add_middleware(AccessLog)
     app.include_router(health.router)
     app.include_router(sessions.router)
     app.include_router(chats.router)

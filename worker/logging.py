@@ -103,7 +103,18 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.access", "httpx", "httpcore"):
+    # uvicorn's access line is replaced by api_stub.access_log's (route template,
+    # account, request id); Celery's "received" / "succeeded" / "sending due task" lines
+    # by the worker's own ``lifecycle.run`` and sweep lines, which say what happened
+    # (beat sends several sweeps every few seconds; idle, they said nothing useful).
+    for noisy in (
+        "uvicorn.access",
+        "httpx",
+        "httpcore",
+        "celery.worker.strategy",
+        "celery.app.trace",
+        "celery.beat",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _configured = True
 

@@ -167,8 +167,14 @@ def _sweep(name: str, fn: Any) -> dict[str, Any]:
             )
         except Exception as exc:
             log.warning("sweep.stats_not_recorded", sweep=name, error=type(exc).__name__)
-    assert result is not None
-    log.info(name, duration_ms=round((time.monotonic() - started) * 1000, 1), **result)
+    if result is None:  # unreachable: fn returned (else its exception went up)
+        raise RuntimeError(f"sweep {name} returned nothing")
+    # A sweep that found nothing to do is a debug line: idle, beat runs several every few
+    # seconds, and the log should show what happened, not that nothing did.
+    did = any(isinstance(v, int | float) and v for v in result.values())
+    (log.info if did else log.debug)(
+        name, duration_ms=round((time.monotonic() - started) * 1000, 1), **result
+    )
     return result
 
 

@@ -177,6 +177,7 @@ def _create_session(
     with get_sessionmaker()() as db:
         # The caller first (401 before any 413/400), in the transaction that inserts.
         account = accounts.authenticate(db, key)
+        request.state.account_id = account  # for the access-log line
         data = parse_json_object(body, settings)
         create = sessions.CreateSession(
             title=_str_field(data, "title"),

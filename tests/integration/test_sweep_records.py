@@ -135,3 +135,28 @@ def test_the_jobs_are_published_to_their_queues_and_marked(
         q: sorted(j.payload["task_id"] for j in jobs if j.queue == q)
         for q in (HOST_QUEUE, DEFAULT_QUEUE)
     }
+
+
+def test_an_idle_sweep_logs_at_debug_and_a_busy_one_at_info(
+    db_clean: dict[str, str], monkeypatch: Any, caplog: Any
+) -> None:
+    """Beat runs several sweeps every few seconds: one that did nothing must not put a
+    line in the operator's terminal; one that did something must."""
+    import logging
+
+    from worker import tasks
+    from worker.logging import configure_logging
+
+    configure_logging("INFO", json=True)  # structlog through stdlib logging, as in a worker
+    if caplog.handler not in logging.getLogger().handlers:
+        logging.getLogger().addHandler(caplog.handler)
+    monkeypatch.setattr(tasks, "service", lambda: None)
+    caplog.set_level(logging.DEBUG, logger="worker.tasks")
+    tasks._sweep("lifecycle.sweep.test_idle", lambda _svc: {"queued": 0, "failed": 0})
+    tasks._sweep("lifecycle.sweep.test_busy", lambda _svc: {"queued": 3, "failed": 0})
+    levels = {
+        r.msg["event"]: r.levelname
+        for r in caplog.records
+        if isinstance(r.msg, dict) and str(r.msg.get("event", "")).startswith("lifecycle.sweep.")
+    }
+    assert levels == {"lifecycle.sweep.test_idle": "DEBUG", "lifecycle.sweep.test_busy": "INFO"}
