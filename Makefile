@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_FLAGS ?=
 
-.PHONY: install run test lint fmt services test-faults test-e2e bench bench-quick clean
+.PHONY: install run test lint fmt services test-faults test-e2e bench bench-quick docs-screenshot clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ bench: install services
 
 bench-quick: install services
 	$(BIN)/python -m bench --quick
+
+## Render /docs in headless chromium with no network; keep the picture in docs/.
+docs-screenshot: install services
+	command -v chromium >/dev/null || apt-get install -y chromium || \
+		{ echo "install chromium: apt-get install -y chromium"; exit 1; }
+	LIFECYCLE_DOCS_SCREENSHOT=$(CURDIR)/docs/api-docs-offline.png \
+		$(BIN)/pytest tests/integration/test_api_docs.py -q -k chromium
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage *.egg-info

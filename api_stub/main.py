@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api_stub import errors
+from api_stub import docs, errors
 from api_stub.access_log import AccessLog
 from api_stub.routes import chats, health, metrics, sessions
 from worker.celery_app import create_celery
@@ -41,6 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Session Lifecycle Worker API",
         version="0.1.0",
         description="Create agent sessions and drive their sandboxes through their lifecycle.",
+        docs_url=None,  # served from packaged assets by api_stub.docs
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.celery = create_celery(settings)
@@ -58,4 +60,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(chats.router)
     app.include_router(metrics.router)
+    docs.install(app)
     return app
