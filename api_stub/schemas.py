@@ -205,8 +205,35 @@ class RunList(BaseModel):
     runs: list[RunRead]
 
 
+class DiffFile(BaseModel):
+    """One changed file. Every key is always present."""
+
+    path: str
+    status: Literal["added", "modified", "deleted", "renamed"]
+    old_path: str | None = Field(serialization_alias="oldPath", description="Set for renames")
+    additions: int
+    deletions: int
+    binary: bool
+    generated: bool = Field(description="A lock file or similar generated file")
+    truncated: bool = Field(description="The patch text was cut at the size limits")
+    patch: str
+
+
+class DiffSummary(BaseModel):
+    total_files: int = Field(serialization_alias="totalFiles")
+    total_additions: int = Field(serialization_alias="totalAdditions")
+    total_deletions: int = Field(serialization_alias="totalDeletions")
+
+
+class Diff(BaseModel):
+    files: list[DiffFile]
+    summary: DiffSummary
+    base_ref: str | None = Field(serialization_alias="baseRef")
+    head_sha: str | None = Field(serialization_alias="headSha")
+
+
 class CachedDiff(BaseModel):
-    diff: dict[str, Any]
+    diff: Diff
     cached_at: datetime | None = Field(serialization_alias="cachedAt")
     is_stale: bool = Field(serialization_alias="isStale")
 

@@ -171,6 +171,10 @@ def test_mixed_changes(repos: tuple[Path, Path, Path], tmp_path: Path) -> None:
         "status": "added",
         "additions": 7,
         "deletions": 0,
+        "oldPath": None,
+        "binary": False,
+        "generated": False,
+        "truncated": False,
         "patch": "",
     }
     assert (files["staged.txt"]["status"], files["staged.txt"]["additions"]) == ("added", 3)
@@ -193,11 +197,11 @@ def test_mixed_changes(repos: tuple[Path, Path, Path], tmp_path: Path) -> None:
     assert "\\ No newline at end of file" in note["patch"]
     assert files["untracked.txt"]["additions"] == 5
     for f in result["files"]:
-        assert "truncated" not in f
+        assert f["truncated"] is False
         if f["path"] != "package-lock.json":
-            assert "generated" not in f
+            assert f["generated"] is False
         if f["path"] != "src/new_name.py":
-            assert "oldPath" not in f
+            assert f["oldPath"] is None
 
     summary = result["summary"]
     assert summary == {
@@ -297,8 +301,8 @@ def test_generated_lock_files(repos: tuple[Path, Path, Path]) -> None:
 
     for name in ("yarn.lock", "sub/Cargo.lock", "go.sum", "uv.lock", "poetry.lock"):
         assert files[name]["generated"] is True
-    assert "generated" not in files["lockfile.txt"]
-    assert "generated" not in files["yarn.lock.md"]
+    assert files["lockfile.txt"]["generated"] is False
+    assert files["yarn.lock.md"]["generated"] is False
 
 
 def test_untracked_binary_and_empty_files(repos: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -315,11 +319,14 @@ def test_untracked_binary_and_empty_files(repos: tuple[Path, Path, Path], tmp_pa
         "status": "added",
         "additions": 0,
         "deletions": 0,
+        "oldPath": None,
         "binary": True,
+        "generated": False,
+        "truncated": False,
         "patch": "",
     }
     assert (files["empty.txt"]["status"], files["empty.txt"]["additions"]) == ("added", 0)
-    assert "binary" not in files["empty.txt"]
+    assert files["empty.txt"]["binary"] is False
     assert files["just-one-line"]["additions"] == 1
     assert (result["summary"]["totalFiles"], result["summary"]["totalAdditions"]) == (
         independent_numstat(work, tmp_path, result["baseRef"])[:2]
@@ -340,7 +347,7 @@ def test_per_file_truncation_keeps_exact_counts(repos: tuple[Path, Path, Path]) 
     assert 0 < len(big["patch"].encode()) <= 1_000
     assert big["patch"].endswith("\n")  # cut on a line boundary
     assert big["patch"].startswith("diff --git a/big.txt b/big.txt\n")
-    assert "truncated" not in files["small.txt"]
+    assert files["small.txt"]["truncated"] is False
     assert files["small.txt"]["patch"].endswith("@@ -0,0 +1 @@\n+s\n")
     assert result["summary"]["totalAdditions"] == 5_001
 
@@ -356,8 +363,8 @@ def test_total_budget_exhausted(repos: tuple[Path, Path, Path]) -> None:
 
     used = sum(len(f["patch"].encode()) for f in files)
     assert used <= 1_500
-    full = [f for f in files if f["patch"] and "truncated" not in f]
-    cut = [f for f in files if "truncated" in f]
+    full = [f for f in files if f["patch"] and not f["truncated"]]
+    cut = [f for f in files if f["truncated"]]
     assert full and cut
     # files are budgeted in order: once one is cut, every later one is empty
     first_cut = files.index(cut[0])
@@ -374,7 +381,7 @@ def test_lock_files_get_the_budget_last(repos: tuple[Path, Path, Path]) -> None:
 
     files = by_path(compute_diff(work, max_total_patch_bytes=600))
 
-    assert "truncated" not in files["z-last.py"] and "+code 9\n" in files["z-last.py"]["patch"]
+    assert files["z-last.py"]["truncated"] is False and "+code 9\n" in files["z-last.py"]["patch"]
     assert files["a-first/package-lock.json"]["truncated"] is True
     assert files["a-first/package-lock.json"]["additions"] == 200
 

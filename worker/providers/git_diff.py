@@ -366,12 +366,15 @@ def _build_files(output: bytes, max_per_file: int, max_total: int) -> list[dict[
     texts: list[tuple[int, int] | None] = []  # spans of non-binary patches
     for entry, span in zip(entries, paired, strict=True):
         path = entry.new_path.decode("utf-8", "replace")
+        # Every entry carries every key (a typed client gets the same shape each time).
         item: dict[str, Any] = {
             "path": path,
             "status": _STATUS_NAMES.get(entry.status, "modified"),
+            "oldPath": entry.old_path.decode("utf-8", "replace") if entry.status == "R" else None,
+            "binary": False,
+            "generated": path.rsplit("/", 1)[-1] in GENERATED_FILE_NAMES,
+            "truncated": False,
         }
-        if entry.status == "R":
-            item["oldPath"] = entry.old_path.decode("utf-8", "replace")
         additions = deletions = 0
         text_span = None
         if span is not None:
@@ -382,15 +385,13 @@ def _build_files(output: bytes, max_per_file: int, max_total: int) -> list[dict[
                 text_span = span
         item["additions"] = additions
         item["deletions"] = deletions
-        if path.rsplit("/", 1)[-1] in GENERATED_FILE_NAMES:
-            item["generated"] = True
         files.append(item)
         texts.append(text_span)
 
     # Hand-written files get the patch budget first, lock files last; the output order
     # stays git's (sorted by path).
-    order = [i for i, f in enumerate(files) if "generated" not in f]
-    order += [i for i, f in enumerate(files) if "generated" in f]
+    order = [i for i, f in enumerate(files) if not f["generated"]]
+    order += [i for i, f in enumerate(files) if f["generated"]]
     remaining = max(max_total, 0)
     for i in order:
         item = files[i]
@@ -408,6 +409,5 @@ def _build_files(output: bytes, max_per_file: int, max_total: int) -> list[dict[
         else:
             remaining -= cut - start
         item["patch"] = _text(output[start:cut])
-        if truncated:
-            item["truncated"] = True
+        item["truncated"] = truncated
     return files
