@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 ## Start the whole system (embedded PostgreSQL + Redis unless LIFECYCLE_*_URL are set).
+## Ports: make run API_PORT=8080 FLOWER_PORT=5556
+API_PORT ?= 8000
+FLOWER_PORT ?= 5555
 run: install
-	$(BIN)/lifecycle up
+	$(BIN)/lifecycle up --api-port $(API_PORT) --flower-port $(FLOWER_PORT)
 
 ## Lint, type-check and run the test suite (short fault scenarios included).
 test: install services lint

@@ -428,12 +428,17 @@ class Stack:
 
     def _start(self) -> StackInfo | None:  # noqa: C901 -- start-up steps in order, each reported
         opts = self.options
-        for what, port in (("API", opts.api_port), ("Flower", opts.flower_port)):
-            if (what == "API" or opts.flower) and not port_is_free(port):
-                raise StackError(
-                    f"port {port} for the {what} is in use (pick another with "
-                    f"--{'api' if what == 'API' else 'flower'}-port)"
-                )
+        wanted = [("API", "api", opts.api_port)]
+        if opts.flower:
+            wanted.append(("Flower", "flower", opts.flower_port))
+        busy = [
+            f"port {port} for the {what} is in use (pick another with --{flag}-port, "
+            f"or make run {flag.upper()}_PORT=...)"
+            for what, flag, port in wanted
+            if not port_is_free(port)
+        ]
+        if busy:  # every busy port at once, not one per attempt
+            raise StackError("; ".join(busy))
         database_url = os.environ.get("LIFECYCLE_DATABASE_URL")
         broker_url = os.environ.get("LIFECYCLE_BROKER_URL")
         from worker.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
