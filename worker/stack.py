@@ -12,7 +12,7 @@ Layout under the data directory (besides the providers' ``repos/``, ``sandboxes/
 
     postgres/                 embedded PostgreSQL (see worker.embedded)
     redis/                    embedded Redis, with an append-only file
-    logs/<child>.log          each child's output (also echoed unless --quiet)
+    logs/<child>.log          each child's output, appended across starts, rotated at 10 MiB (3 kept)
     dev-credentials.json      the development account and API key (mode 0600)
     up.lock                   held while a ``lifecycle up`` runs on this directory
 """
@@ -206,7 +206,12 @@ class Supervisor:
     def start_all(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for child in self.children.values():
-            (self.log_dir / f"{child.name}.log").write_bytes(b"")
+            # Appended across starts (what happened before a restart is what one looks
+            # for), rotated by size.
+            path = self.log_dir / f"{child.name}.log"
+            rotate_log(path)
+            with path.open("ab") as log:
+                log.write(f"--- lifecycle up: {child.name} starting ---\n".encode())
             self._spawn(child)
 
     def _spawn(self, child: Child) -> None:
@@ -235,15 +240,23 @@ class Supervisor:
         index = list(self.children).index(name) if name in self.children else 0
         color = self._COLORS[index % len(self._COLORS)]
         prefix = f"\x1b[{color}m{name:>6} |\x1b[0m " if self._colors else f"{name:>6} | "
-        with (self.log_dir / f"{name}.log").open("ab") as log:
+        path = self.log_dir / f"{name}.log"
+        log = path.open("ab")
+        try:
             for line in iter(proc.stdout.readline, b""):
                 log.write(line)
                 log.flush()
+                if log.tell() >= LOG_ROTATE_BYTES:
+                    log.close()
+                    rotate_log(path)
+                    log = path.open("ab")
                 if self.echo is not None:
                     text = line.decode(errors="replace").rstrip("\n")
                     with self._echo_lock, contextlib.suppress(OSError, ValueError):
                         self.echo.write(prefix + text + "\n")
                         self.echo.flush()
+        finally:
+            log.close()
         proc.stdout.close()
 
     def poll(self) -> None:
@@ -348,6 +361,28 @@ def data_dir_lock(data_dir: Path) -> Iterator[None]:
             fh.seek(0)
             fh.truncate()
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+#: A child's log file is rotated when it reaches this size; ``LOG_KEEP`` older
+#: generations (``<child>.log.1`` newest) are kept.
+LOG_ROTATE_BYTES = 10 * 1024 * 1024
+LOG_KEEP = 3
+
+
+def rotate_log(path: Path, limit: int = LOG_ROTATE_BYTES, keep: int = LOG_KEEP) -> bool:
+    """Shift ``path`` to ``path.1`` (and so on, dropping the oldest) once it has reached
+    ``limit`` bytes. Returns whether it rotated."""
+    try:
+        if path.stat().st_size < limit:
+            return False
+    except FileNotFoundError:
+        return False
+    for n in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{n + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))
+    return True
 
 
 @dataclass
