@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_FLAGS ?=
 
-.PHONY: install run test lint fmt services test-faults test-e2e bench bench-quick docs-screenshot clean
+.PHONY: install run test lint fmt services test-faults test-e2e bench bench-quick docs-screenshot api-docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ docs-screenshot: install services
 		{ echo "install chromium: apt-get install -y chromium"; exit 1; }
 	LIFECYCLE_DOCS_SCREENSHOT=$(CURDIR)/docs/api-docs-offline.png \
 		$(BIN)/pytest tests/integration/test_api_docs.py -q -k chromium
+
+## Regenerate docs/api.md from the app's OpenAPI document (a test fails when it is stale).
+api-docs: install
+	$(BIN)/python scripts/gen_api_docs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage *.egg-info
