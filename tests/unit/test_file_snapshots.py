@@ -18,8 +18,9 @@ import pytest
 import zstandard
 
 from worker.providers.base import PermanentProviderError, SnapshotStore
-from worker.providers.file_snapshots import FileSnapshotStore, _DropSpecialMembers
+from worker.providers.file_snapshots import FileSnapshotStore
 from worker.providers.local_sandbox import LocalSandboxProvider
+from worker.providers.snapshot_archive import DropSpecialMembers
 
 GIT_ENV = {
     **os.environ,
@@ -809,7 +810,7 @@ def _special_archive(fmt: int) -> tuple[bytes, list[tuple[str, bytes]]]:
 @pytest.mark.parametrize("chunk", [1, 511, 512, 513, 4096, 1 << 20])
 def test_special_members_are_dropped_from_the_tar_stream(fmt: int, chunk: int) -> None:
     raw, kept = _special_archive(fmt)
-    drop = _DropSpecialMembers()
+    drop = DropSpecialMembers()
     out = b"".join(drop.feed(raw[i : i + chunk]) for i in range(0, len(raw), chunk))
     out += drop.finish()
     assert drop.dropped == 4
@@ -825,7 +826,7 @@ def test_tar_stream_filter_passes_unparseable_data_through() -> None:
     raw, _ = _special_archive(tarfile.GNU_FORMAT)
     junk = bytearray(raw)
     junk[512 * 3 + 148] ^= 0x01  # a header checksum further on no longer matches
-    drop = _DropSpecialMembers()
+    drop = DropSpecialMembers()
     out = drop.feed(bytes(junk)) + drop.finish()
     assert out.endswith(bytes(junk[512 * 3 :]))  # unchanged from the bad header on
 
@@ -841,7 +842,7 @@ def test_tar_stream_filter_gives_up_on_an_oversized_pax_header(chunk: int) -> No
         info.pax_headers = {"comment": "c" * (2 << 20)}
         tf.addfile(info)
     raw = buf.getvalue()
-    drop = _DropSpecialMembers()
+    drop = DropSpecialMembers()
     out = b"".join(drop.feed(raw[i : i + chunk]) for i in range(0, len(raw), chunk))
     assert out + drop.finish() == raw
     assert drop.dropped == 0

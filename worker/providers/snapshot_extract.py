@@ -1,0 +1,488 @@
+"""Restoring a snapshot archive safely: never trusting it, never writing through a link.
+
+Shared by every snapshot store: a store hands over the compressed stream (twice: one
+pass to validate, one to extract) and these functions do the rest.
+
+A first pass (:func:`scan`) decompresses and reads every member header *before anything
+is written*, and refuses the archive unless every member:
+
+* has a non-empty relative name without ``..`` components (``.`` only as a directory:
+  the sandbox directory itself);
+* is a directory, regular file, symbolic link or hard link (no devices, no FIFOs);
+* does not pass through a symbolic link of the archive (``a -> /etc`` then
+  ``a/passwd``), nor through a non-directory member; a hard link to a symbolic link
+  counts as a symbolic link;
+* appears once (directories may repeat);
+* if a symbolic link: has a non-empty target. The target may be anything (absolute,
+  ``..``, dangling): the link is restored as a link and never followed;
+* if a hard link: points, by a relative path that passes through no symbolic link, at
+  an earlier file, hard link or symbolic link member of the archive.
+
+The zstd frames must be complete with valid checksums and nothing but tar padding may
+follow the end of the archive; otherwise the archive is reported corrupt. A second pass
+(:func:`extract`) then extracts into the (empty or new) target directory: directories
+component by component (an existing non-directory on the way is refused, never
+followed), regular files with ``O_EXCL | O_NOFOLLOW``, hard links to files; then, after
+every regular file and directory, the symbolic links (and hard links to them); directory
+permissions and times last, through ``O_NOFOLLOW`` descriptors. Since no symbolic link
+exists until everything else is written, and no member passes through one, extraction
+never writes through a link. Permissions are restored without setuid/setgid/sticky bits
+and ownership is never changed. On any failure the target directory is left as it was
+found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import zstandard
+
+from worker.providers.base import PermanentProviderError
+from worker.providers.snapshot_archive import COPY_CHUNK, os_error, show
+
+__all__ = ["Entry", "check_target", "extract", "scan"]
+
+# Compressed bytes fed to the decompressor per call. zstd can expand input ~32768x
+# (runs of one byte), so this bounds the memory a hostile archive can make us use.
+_DECOMPRESS_INPUT_CHUNK = 2048
+
+
+class _CorruptArchive(Exception):
+    """The archive cannot be decoded (raised inside the reader, reported as permanent)."""
+
+
+class _UnsafeOnDisk(Exception):
+    """Extraction met a non-directory where it needs a directory (never followed)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One validated archive member."""
+
+    raw_name: str
+    name: str  # normalized, relative to the target; "" is the target itself
+    kind: str  # dir | file | symlink | hardlink (to a file) | symhardlink (to a symlink)
+    link: str  # symlink target (verbatim) or hard-link source (normalized name)
+    mode: int
+    mtime: float
+
+    @property
+    def is_link(self) -> bool:
+        """Made after every file and directory: a symbolic link or a hard link to one."""
+        return self.kind in ("symlink", "symhardlink")
+
+
+class _ZstdReader:
+    """Decompress a zstd file as a stream, refusing truncated or damaged frames.
+
+    ``zstandard``'s ``stream_reader`` silently stops at a truncated frame, so frames are
+    decoded with ``decompressobj`` (which reports ``eof`` only for a complete frame and
+    verifies the content checksum). Also records where the last non-zero byte of the
+    decompressed stream ends, to check that only padding follows the tar end marker.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._dobj: Any = self._dctx.decompressobj()
+        self._in_frame = False
+        self._frames = 0
+        self._buf = bytearray()
+        self._eof = False
+        self._pos = 0
+        self._produced = 0
+        self.last_nonzero_end = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        while (size < 0 or len(self._buf) < size) and not self._eof:
+            self._fill()
+        if size < 0 or size >= len(self._buf):
+            out = bytes(self._buf)
+            self._buf.clear()
+        else:
+            out = bytes(self._buf[:size])
+            del self._buf[:size]
+        self._pos += len(out)
+        return out
+
+    def write(self, _data: bytes, /) -> int:
+        raise OSError(errno.EBADF, "snapshot reader is read-only")
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, /) -> int:
+        if pos != self._pos:
+            raise OSError(errno.ESPIPE, "snapshot reader cannot seek")
+        return pos
+
+    def close(self) -> None:
+        self._buf.clear()
+
+    def drain(self) -> None:
+        """Read (and check) the rest of the stream."""
+        while not self._eof:
+            self._fill()
+            self._buf.clear()
+
+    def _fill(self) -> None:
+        chunk = self._raw.read(_DECOMPRESS_INPUT_CHUNK)
+        if not chunk:
+            if self._in_frame:
+                raise _CorruptArchive("it is truncated (incomplete zstd frame)")
+            if self._frames == 0:
+                raise _CorruptArchive("it is empty")
+            self._eof = True
+            return
+        while chunk:
+            self._in_frame = True
+            try:
+                data = self._dobj.decompress(chunk)
+            except zstandard.ZstdError as exc:
+                raise _CorruptArchive(f"it is not valid zstd data ({exc})") from exc
+            if data:
+                stripped = len(data.rstrip(b"\0"))
+                if stripped:
+                    self.last_nonzero_end = self._produced + stripped
+                self._produced += len(data)
+                self._buf += data
+            if self._dobj.eof:
+                self._frames += 1
+                self._in_frame = False
+                chunk = self._dobj.unused_data
+                self._dobj = self._dctx.decompressobj()
+            else:
+                chunk = b""
+
+
+def _normalize(name: str) -> list[str] | None:
+    """Path components of a member name, or None if it is absolute or has ``..``."""
+    if name.startswith("/"):
+        return None
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        return None
+    return parts
+
+
+def check_target(key: str, target: Path) -> None:
+    """Refuse a target that is a link, not a directory, or a non-empty directory."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise PermanentProviderError(f"cannot restore snapshot {key}: target is not a directory")
+    if target.is_dir() and any(target.iterdir()):
+        raise PermanentProviderError(
+            f"cannot restore snapshot {key}: target directory is not empty"
+        )
+
+
+def scan(key: str, fh: BinaryIO) -> list[Entry]:
+    """Validation pass: read every header, refuse anything unsafe, write nothing."""
+    reader = _ZstdReader(fh)
+    entries: list[Entry] = []
+    kinds: dict[str, str] = {}
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tf:
+            for member in tf:
+                entries.append(_check_member(key, member, kinds))
+            end = tf.offset
+        reader.drain()
+    except _CorruptArchive as exc:
+        raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+    except (tarfile.TarError, EOFError, OSError, ValueError, zstandard.ZstdError) as exc:
+        raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+    if reader.last_nonzero_end > end:
+        raise PermanentProviderError(
+            f"snapshot {key} is corrupt: unreadable data after member {len(entries)}"
+        )
+    if not entries:
+        raise PermanentProviderError(f"snapshot {key} is corrupt: it holds no files")
+    return entries
+
+
+def extract(
+    key: str,
+    fh: BinaryIO,
+    plan: list[Entry],
+    target: Path,
+    *,
+    before_links: Callable[[], None] | None = None,
+) -> None:
+    """Extract the archive ``fh`` that :func:`scan` turned into ``plan`` into ``target``
+    (empty or missing). ``before_links`` runs once every file and directory is written
+    and before any link is made (a store's last check of the stream); on any failure
+    ``target`` is put back as it was."""
+    created = not target.exists()
+    mode = None if created else stat.S_IMODE(target.stat().st_mode)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        _extract(key, fh, plan, target, before_links)
+    except BaseException:
+        _undo(target, mode)
+        raise
+
+
+def _check_member(  # noqa: C901 -- the docstring's rules, one branch each, in order
+    key: str, member: tarfile.TarInfo, kinds: dict[str, str]
+) -> Entry:
+    """One member against the rules in the module docstring. ``kinds`` maps every
+    path the earlier members made (``dir`` also for implied parents) to its kind,
+    ``symlink`` for symbolic links and hard links to them: the archive's links."""
+    raw = member.name
+
+    def refuse(reason: str) -> PermanentProviderError:
+        return PermanentProviderError(f"snapshot {key} refused: member '{show(raw)}' {reason}")
+
+    def through_link(parts: list[str]) -> str | None:
+        """The first proper prefix of ``parts`` that is a link of the archive."""
+        for depth in range(1, len(parts)):
+            prefix = "/".join(parts[:depth])
+            if kinds.get(prefix) == "symlink":
+                return prefix
+        return None
+
+    if not raw or "\x00" in raw:
+        raise refuse("has an empty or invalid name")
+    parts = _normalize(raw)
+    if parts is None:
+        raise refuse("would land outside the sandbox")
+    name = "/".join(parts)
+
+    link = ""
+    if member.isdir():
+        kind = "dir"
+    elif member.isreg():
+        kind = "file"
+    elif member.issym():
+        kind = "symlink"
+        link = member.linkname
+        if not link or "\x00" in link:
+            raise refuse("is a symbolic link with an empty target")
+    elif member.islnk():
+        source = _normalize(member.linkname)
+        if source is None or not source:
+            raise refuse(f"is a hard link to '{show(member.linkname)}', outside the sandbox")
+        link = "/".join(source)
+        via = through_link(source)
+        if via is not None:
+            raise refuse(
+                f"is a hard link to '{show(member.linkname)}', through the symbolic "
+                f"link '{show(via)}'"
+            )
+        target_kind = kinds.get(link)
+        if target_kind not in ("file", "symlink"):
+            raise refuse(
+                f"is a hard link to '{show(member.linkname)}', which is not an earlier "
+                "file or link of the snapshot"
+            )
+        # A hard link to a symbolic link is that link under another name.
+        kind = "hardlink" if target_kind == "file" else "symhardlink"
+    elif member.isfifo():
+        raise refuse("is a FIFO (named pipe)")
+    elif member.ischr() or member.isblk():
+        raise refuse("is a device file")
+    else:
+        raise refuse("has an unsupported type")
+
+    if not parts and kind != "dir":
+        raise refuse("would replace the sandbox directory itself")
+    for depth in range(1, len(parts)):
+        prefix = "/".join(parts[:depth])
+        seen = kinds.get(prefix)
+        if seen == "symlink":
+            raise refuse(
+                f"would be written through the symbolic link '{show(prefix)}', "
+                "possibly outside the sandbox"
+            )
+        if seen is None:
+            kinds[prefix] = "dir"
+        elif seen != "dir":
+            raise refuse(f"is below '{show(prefix)}', which is not a directory")
+    seen = kinds.get(name)
+    if seen is not None and not (seen == "dir" and kind == "dir"):
+        if seen == "dir" and kind in ("symlink", "symhardlink"):
+            raise refuse(
+                "is a link, but earlier members are below it (they would be written through it)"
+            )
+        raise refuse("appears more than once in the snapshot")
+    kinds[name] = {"hardlink": "file", "symhardlink": "symlink"}.get(kind, kind)
+    return Entry(
+        raw_name=raw,
+        name=name,
+        kind=kind,
+        link=link,
+        mode=member.mode & 0o777,
+        mtime=float(member.mtime),
+    )
+
+
+def _extract(  # noqa: C901 -- one branch per member type the scan accepted
+    key: str,
+    fh: BinaryIO,
+    plan: list[Entry],
+    target: Path,
+    before_links: Callable[[], None] | None,
+) -> None:
+    """Extraction pass over the members the scan accepted, in the same order; the
+    links after everything else, directory permissions and times last."""
+    root = str(target)
+    dirs: list[tuple[str, Entry]] = []
+    made: set[str] = {root}  # directories known to exist (saves a mkdir per file)
+    index = 0
+    try:
+        with tarfile.open(fileobj=_ZstdReader(fh), mode="r|") as tf:
+            for member in tf:
+                if index >= len(plan) or member.name != plan[index].raw_name:
+                    raise _CorruptArchive("it changed while being restored")
+                entry = plan[index]
+                index += 1
+                if entry.is_link:
+                    continue
+                _restore_member(key, entry, root, made, dirs, tf, member)
+    except _CorruptArchive as exc:
+        raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+    except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
+        raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+    except OSError as exc:
+        raise os_error(f"cannot restore snapshot {key}", exc) from None
+    if index != len(plan):
+        raise PermanentProviderError(f"snapshot {key} is corrupt: it changed while being restored")
+    if before_links is not None:
+        before_links()
+
+    # Every regular file and directory exists: now the links, symbolic ones first
+    # (a hard link to a symbolic link needs it). Nothing is written after them but
+    # directory modes and times, through descriptors that refuse a link.
+    for entry in plan:
+        if entry.kind == "symlink":
+            _restore_member(key, entry, root, made, dirs)
+    for entry in plan:
+        if entry.kind == "symhardlink":
+            _restore_member(key, entry, root, made, dirs)
+
+    # Directory permissions and times last, deepest first, so that read-only
+    # directories did not block their own contents.
+    def depth(item: tuple[str, Entry]) -> int:
+        name = item[1].name
+        return name.count("/") + 1 if name else 0
+
+    for path, entry in sorted(dirs, key=depth, reverse=True):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchmod(fd, entry.mode)
+                os.utime(fd, (entry.mtime, entry.mtime))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise os_error(f"cannot restore snapshot {key}", exc) from None
+
+
+def _restore_member(
+    key: str,
+    entry: Entry,
+    root: str,
+    made: set[str],
+    dirs: list[tuple[str, Entry]],
+    tf: tarfile.TarFile | None = None,
+    member: tarfile.TarInfo | None = None,
+) -> None:
+    """:func:`_extract_one` with its failures as provider errors naming the member."""
+    try:
+        _extract_one(tf, member, entry, root, dirs, made)
+    except _UnsafeOnDisk as exc:
+        raise PermanentProviderError(
+            f"snapshot {key} refused: member '{show(entry.raw_name)}' {exc}"
+        ) from None
+    except OSError as exc:
+        raise os_error(
+            f"cannot restore snapshot {key}: member '{show(entry.raw_name)}'", exc
+        ) from None
+
+
+def _make_dirs(root: str, rel: str, made: set[str]) -> str:
+    """``root/rel`` as a directory, made one component at a time. Anything on the way
+    that exists and is not a directory (a link above all) is refused, never followed.
+    ``made`` remembers the directories known to exist."""
+    path = os.path.join(root, rel) if rel else root
+    if path in made:
+        return path
+    current = root
+    for part in rel.split("/"):
+        current = os.path.join(current, part)
+        if current in made:
+            continue
+        try:
+            os.mkdir(current, 0o700)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(current).st_mode):
+                shown = show(os.path.relpath(current, root))
+                raise _UnsafeOnDisk(
+                    f"would be written through '{shown}', which is not a directory"
+                ) from None
+        made.add(current)
+    return path
+
+
+def _extract_one(
+    tf: tarfile.TarFile | None,
+    member: tarfile.TarInfo | None,
+    entry: Entry,
+    root: str,
+    dirs: list[tuple[str, Entry]],
+    made: set[str],
+) -> None:
+    # The scan guarantees nothing replaces a directory once made, so a directory in
+    # ``made`` stays one: skip the (slow on some filesystems) mkdir of every parent.
+    if entry.kind == "dir":
+        dirs.append((_make_dirs(root, entry.name, made), entry))
+        return
+    parent, _, base = entry.name.rpartition("/")
+    path = os.path.join(_make_dirs(root, parent, made), base)
+    if entry.kind == "file":
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            data = tf.extractfile(member) if tf is not None and member is not None else None
+            if data is not None:
+                shutil.copyfileobj(data, out, COPY_CHUNK)
+            os.fchmod(fd, entry.mode)
+            os.utime(fd, (entry.mtime, entry.mtime))
+    elif entry.kind == "symlink":
+        os.symlink(entry.link, path)  # never follows: the link itself is created
+        os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
+    else:  # hardlink, symhardlink: link the member itself, not what it points at
+        os.link(os.path.join(root, entry.link), path, follow_symlinks=False)
+
+
+def _undo(target: Path, mode: int | None) -> None:
+    """Put ``target`` back as it was before a failed restore: missing (``mode`` is
+    None) or empty with permissions ``mode``."""
+    if not target.exists():
+        return
+    with contextlib.suppress(OSError):
+        os.chmod(target, 0o700)
+    for dirpath, dirnames, _files in os.walk(target):
+        for dirname in dirnames:
+            with contextlib.suppress(OSError):
+                child = os.path.join(dirpath, dirname)
+                if not os.path.islink(child):
+                    os.chmod(child, 0o700)
+    if mode is None:
+        shutil.rmtree(target, ignore_errors=True)
+        return
+    for entry in target.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        os.chmod(target, mode)
