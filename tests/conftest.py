@@ -13,6 +13,9 @@ from sqlalchemy import text
 
 from tests import servers
 
+# s3_server / s3_bucket: a real S3 API (moto in server mode) for any test that asks.
+pytest_plugins = ["tests.s3"]
+
 _STATE_DIR = Path(os.environ.get("LIFECYCLE_TEST_STATE_DIR", "/tmp/lifecycle-test-servers"))
 
 

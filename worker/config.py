@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -24,7 +24,14 @@ class Settings(BaseSettings):
 
     repo_host: Literal["local", "github"] = "local"
     sandbox_provider: Literal["local"] = "local"
-    snapshot_store: Literal["file"] = "file"
+    # "file": archives under data_dir/snapshots, restorable only on this host (the
+    # embedded default). "s3://bucket/prefix": S3-compatible object storage every host
+    # reads (credentials and region from boto3's standard AWS chain).
+    snapshot_store: str = "file"
+    # An S3-compatible service (MinIO...); unset: AWS_ENDPOINT_URL(_S3), else AWS itself.
+    s3_endpoint_url: str | None = None
+    # Multipart part size: the stream is uploaded a part at a time (S3's minimum: 5 MiB).
+    s3_part_size_bytes: int = Field(default=8 * 2**20, ge=5 * 2**20, le=5 * 2**30)
     # "noop": every provider call succeeds at once and does nothing (benchmarks, load
     # tests of the orchestration alone; see worker/providers/noop.py).
     provider_set: Literal["default", "noop"] = "default"
@@ -90,6 +97,16 @@ class Settings(BaseSettings):
 
     # Tests and chaos drills: a JSON file of provider faults (see worker/providers/faults.py).
     fault_plan: Path | None = None
+
+    @field_validator("snapshot_store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value == "file":
+            return value
+        from worker.providers.s3_snapshots import parse_s3_url
+
+        parse_s3_url(value)  # ValueError: "not an s3://bucket/prefix URL"
+        return value
 
     @property
     def repos_dir(self) -> Path:

@@ -23,7 +23,7 @@ from worker.providers import snapshot_extract
 from worker.providers.base import PermanentProviderError, SnapshotInfo
 from worker.providers.snapshot_archive import ArchiveWriter, os_error, show
 
-__all__ = ["FileSnapshotStore"]
+__all__ = ["SUFFIX", "FileSnapshotStore", "key_segments"]
 
 SUFFIX = ".tar.zst"
 STALE_TEMP_SECONDS = 6 * 3600.0
@@ -39,6 +39,22 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def key_segments(key: str) -> list[str]:
+    """The segments of a snapshot key (any store): ``/``-separated, each of letters,
+    digits, ``.``, ``_`` or ``-``, not starting with a dot, no ``..``."""
+    segments = key.split("/") if isinstance(key, str) else []
+    if (
+        not segments
+        or len(segments) > _MAX_KEY_SEGMENTS
+        or not all(_KEY_SEGMENT.fullmatch(seg) and ".." not in seg for seg in segments)
+    ):
+        raise PermanentProviderError(
+            f"invalid snapshot key {show(str(key))!r}: use '/'-separated segments of "
+            "letters, digits, '.', '_' or '-'"
+        )
+    return segments
 
 
 class FileSnapshotStore:
@@ -68,16 +84,7 @@ class FileSnapshotStore:
 
     def path_for(self, key: str) -> Path:
         """Where snapshot ``key`` is stored. Keys are ``/``-separated safe segments."""
-        segments = key.split("/") if isinstance(key, str) else []
-        if (
-            not segments
-            or len(segments) > _MAX_KEY_SEGMENTS
-            or not all(_KEY_SEGMENT.fullmatch(seg) and ".." not in seg for seg in segments)
-        ):
-            raise PermanentProviderError(
-                f"invalid snapshot key {show(str(key))!r}: use '/'-separated segments of "
-                "letters, digits, '.', '_' or '-'"
-            )
+        segments = key_segments(key)
         return self._root.joinpath(*segments[:-1], segments[-1] + SUFFIX)
 
     def url_for(self, key: str) -> str:

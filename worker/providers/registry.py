@@ -38,17 +38,31 @@ def build_repo_host(settings: Settings) -> RepoHost:
     return LocalGitRepoHost(settings.repos_dir.resolve())
 
 
+def build_snapshot_store(settings: Settings) -> SnapshotStore:
+    """``file`` (this host's disk) or ``s3://bucket/prefix`` (shared by every host)."""
+    if settings.snapshot_store.startswith("s3://"):
+        from worker.providers.s3_snapshots import S3SnapshotStore
+
+        return S3SnapshotStore.from_url(
+            settings.snapshot_store,
+            endpoint_url=settings.s3_endpoint_url,
+            part_size=settings.s3_part_size_bytes,
+        )
+    from worker.providers.file_snapshots import FileSnapshotStore
+
+    return FileSnapshotStore(settings.snapshots_dir.resolve())
+
+
 def build_providers(settings: Settings) -> Providers:
     if settings.provider_set == "noop":
         providers = _noop_providers(settings)
     else:
-        from worker.providers.file_snapshots import FileSnapshotStore
         from worker.providers.local_sandbox import LocalSandboxProvider
 
         providers = Providers(
             repo_host=build_repo_host(settings),
             sandbox=LocalSandboxProvider(settings.sandboxes_dir.resolve()),
-            snapshots=FileSnapshotStore(settings.snapshots_dir.resolve()),
+            snapshots=build_snapshot_store(settings),
         )
     if settings.fault_plan is None:
         return providers

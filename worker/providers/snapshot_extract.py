@@ -42,14 +42,21 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import zstandard
 
 from worker.providers.base import PermanentProviderError
 from worker.providers.snapshot_archive import COPY_CHUNK, os_error, show
 
-__all__ = ["Entry", "check_target", "extract", "scan"]
+__all__ = ["Entry", "Readable", "check_target", "extract", "scan"]
+
+
+class Readable(Protocol):
+    """What the passes read an archive from: a file, or a store's download stream."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
 
 # Compressed bytes fed to the decompressor per call. zstd can expand input ~32768x
 # (runs of one byte), so this bounds the memory a hostile archive can make us use.
@@ -90,7 +97,7 @@ class _ZstdReader:
     decompressed stream ends, to check that only padding follows the tar end marker.
     """
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: Readable) -> None:
         self._raw = raw
         self._dctx = zstandard.ZstdDecompressor()
         self._dobj: Any = self._dctx.decompressobj()
@@ -184,7 +191,7 @@ def check_target(key: str, target: Path) -> None:
         )
 
 
-def scan(key: str, fh: BinaryIO) -> list[Entry]:
+def scan(key: str, fh: Readable) -> list[Entry]:
     """Validation pass: read every header, refuse anything unsafe, write nothing."""
     reader = _ZstdReader(fh)
     entries: list[Entry] = []
@@ -210,7 +217,7 @@ def scan(key: str, fh: BinaryIO) -> list[Entry]:
 
 def extract(
     key: str,
-    fh: BinaryIO,
+    fh: Readable,
     plan: list[Entry],
     target: Path,
     *,
@@ -326,7 +333,7 @@ def _check_member(  # noqa: C901 -- the docstring's rules, one branch each, in o
 
 def _extract(  # noqa: C901 -- one branch per member type the scan accepted
     key: str,
-    fh: BinaryIO,
+    fh: Readable,
     plan: list[Entry],
     target: Path,
     before_links: Callable[[], None] | None,
