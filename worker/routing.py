@@ -30,6 +30,11 @@ def host_queue(hostname: str | None = None) -> str:
     return f"{DEFAULT_QUEUE}.host.{hostname or this_host()}"
 
 
+def host_of(queue: str) -> str:
+    """The host name in a per-host queue's name (the queue itself if it is not one)."""
+    return queue.split(".host.", 1)[1] if ".host." in queue else queue
+
+
 def queue_for(kind: str, sandbox_state: Mapping[str, Any] | None) -> str:
     """The queue for a run of ``kind`` on a session whose sandbox is ``sandbox_state``.
 

@@ -20,6 +20,7 @@ from worker.domain.lifecycle import (
 from worker.logging import get_logger
 from worker.providers.base import PermanentProviderError
 from worker.providers.registry import Providers
+from worker.routing import host_of
 
 if TYPE_CHECKING:
     from worker.services.lifecycle import RunView, SessionView
@@ -80,6 +81,9 @@ class SandboxWork:
             "expiresAt": expires.isoformat(),
             "startedAt": info.started_at.isoformat(),
             "queue": self.queue,
+            # The host that holds the sandbox now (after a restore from a shared store,
+            # not necessarily the one that took the snapshot).
+            "host": host_of(self.queue),
         }
         state.update(sandbox.state(name))
         return {
