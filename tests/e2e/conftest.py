@@ -34,8 +34,10 @@ class Stack:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.fault_plan = Path(env["LIFECYCLE_FAULT_PLAN"])
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        proc = spawn(args, self.env, self.logs / f"{name}.log")
+    def _spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        proc = spawn(args, {**self.env, **(env or {})}, self.logs / f"{name}.log")
         self.procs[name] = proc
         return proc
 
@@ -49,9 +51,12 @@ class Stack:
         except httpx.HTTPError:
             return False
 
-    def start_worker(self, name: str = "worker", concurrency: int = 2) -> subprocess.Popen[bytes]:
-        proc = self._spawn(name, worker_args(concurrency))
-        return proc
+    def start_worker(
+        self, name: str = "worker", concurrency: int = 2, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A worker process; ``env`` overrides the stack's (another host: its own
+        ``LIFECYCLE_HOSTNAME`` and ``LIFECYCLE_DATA_DIR``)."""
+        return self._spawn(name, worker_args(concurrency), env)
 
     def start_beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
         return self._spawn(name, ["beat"])
