@@ -17,6 +17,8 @@ from worker.monitor import plan_flower
 
 COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
 EXPECTED = {"postgres", "redis", "migrate", "api", "worker", "beat", "flower"}
+# Started only with `--profile s3`: S3-compatible snapshot storage.
+S3_PROFILE = {"minio", "minio-bucket"}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +34,12 @@ def ours(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def test_every_service_is_there(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == EXPECTED
+    assert set(services) == EXPECTED | S3_PROFILE
     assert set(ours(services)) == EXPECTED - {"postgres", "redis"}
+    for name in S3_PROFILE:
+        assert services[name]["profiles"] == ["s3"], name
+    for name in EXPECTED:
+        assert "profiles" not in services[name], name
 
 
 def test_every_command_is_a_real_subcommand_whose_options_parse(
@@ -74,6 +80,10 @@ def test_health_checks_and_start_order(services: dict[str, dict[str, Any]]) -> N
             assert service["restart"] == "no"  # one-shot
             assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
             continue
+        if name == "minio-bucket":
+            assert service["restart"] == "no"  # one-shot
+            assert service["depends_on"]["minio"]["condition"] == "service_healthy"
+            continue
         assert service["healthcheck"]["test"], name
         for dep in service.get("depends_on", {}):
             assert dep in services, (name, dep)
@@ -92,3 +102,29 @@ def test_flower_requires_credentials(services: dict[str, dict[str, Any]]) -> Non
     port = int(args[args.index("--port") + 1])
     plan = plan_flower(port=port, address=address, basic_auth="u:p", unauthenticated_api=False)
     assert plan.authenticated
+
+
+def test_the_s3_example_names_real_settings(services: dict[str, dict[str, Any]]) -> None:
+    """The commented example that points the worker at MinIO: real settings, the bucket
+    that minio-bucket creates, the MinIO service's address and credentials."""
+    lines = [
+        line.strip().removeprefix("# ")
+        for line in COMPOSE.read_text().splitlines()
+        if line.strip().startswith(("# LIFECYCLE_", "# AWS_"))
+    ]
+    example = dict(line.split(": ", 1) for line in lines)
+    fields = set(Settings.model_fields)
+    for var in example:
+        if var.startswith("LIFECYCLE_"):
+            assert var.removeprefix("LIFECYCLE_").lower() in fields, var
+    settings = Settings(
+        snapshot_store=example["LIFECYCLE_SNAPSHOT_STORE"],
+        s3_endpoint_url=example["LIFECYCLE_S3_ENDPOINT_URL"],
+    )
+    assert settings.snapshot_store.startswith("s3://lifecycle-snapshots/")
+    assert "local/lifecycle-snapshots" in services["minio-bucket"]["entrypoint"][-1]
+    assert settings.s3_endpoint_url == "http://minio:9000"
+    assert example["AWS_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
+    assert (
+        example["AWS_SECRET_ACCESS_KEY"] == services["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
+    )
