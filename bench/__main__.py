@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.common import ROOT, SIZES, Context, Mode, Result
 
-NAMES = ("create", "orchestrate", "sweep", "diff", "snapshot", "memory")
+NAMES = ("create", "orchestrate", "sweep", "diff", "snapshot", "snapshot_s3", "memory")
 DEFAULT_OUTPUT = ROOT / "bench" / "results.json"
 
 

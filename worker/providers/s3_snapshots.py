@@ -298,34 +298,31 @@ class S3SnapshotStore:
         source = Path(source_dir)
         self._writer.check_source(key, source)
         what = f"cannot write snapshot {key}"
-        self._abort_stale_uploads(obj)
+        upload: dict[str, Any] = {}  # the multipart upload, once one is started
         try:
-            upload = self._client.create_multipart_upload(
-                Bucket=self.bucket,
-                Key=obj,
-                ContentType="application/zstd",
-                Metadata={"format": "tar+zstd"},
+            digest, size, parts = self._writer.stream(
+                key, source, lambda pipe: self._upload(obj, pipe, upload)
             )
-        except Exception as exc:
-            raise _provider_error(what, exc) from None
-        upload_id = upload["UploadId"]
-        try:
-            parts, digest, size = self._writer.stream(
-                key, source, lambda pipe: self._upload_parts(obj, upload_id, pipe)
-            )
-            self._client.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=obj,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-            )
+            # Only now is the stream known to be whole (tar and zstd succeeded).
+            if "id" in upload:
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=obj,
+                    UploadId=upload["id"],
+                    MultipartUpload={"Parts": parts},
+                )
+            else:  # smaller than one part: one request
+                self._client.put_object(Body=upload["data"], **self._object_args(obj))
         except BaseException as exc:
-            with contextlib.suppress(Exception):
-                self._client.abort_multipart_upload(Bucket=self.bucket, Key=obj, UploadId=upload_id)
+            if "id" in upload:
+                with contextlib.suppress(Exception):
+                    self._client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=obj, UploadId=upload["id"]
+                    )
             if isinstance(exc, Exception):
                 raise _provider_error(what, exc) from None
             raise
-        record = {"sha256": digest, "size": size, "format": "tar+zstd", "parts": len(parts)}
+        record = {"sha256": digest, "size": size, "format": "tar+zstd", "parts": max(len(parts), 1)}
         try:
             self._client.put_object(
                 Bucket=self.bucket,
@@ -405,11 +402,34 @@ class S3SnapshotStore:
         body.verify()
         return plan
 
+    def _object_args(self, obj: str) -> dict[str, Any]:
+        return {
+            "Bucket": self.bucket,
+            "Key": obj,
+            "ContentType": "application/zstd",
+            "Metadata": {"format": "tar+zstd"},
+        }
+
+    def _upload(
+        self, obj: str, pipe: IO[bytes], upload: dict[str, Any]
+    ) -> tuple[str, int, list[dict[str, Any]]]:
+        """Consume the stream: a stream shorter than one part is kept (``upload["data"]``,
+        sent with one PUT once the stream is known whole); a longer one goes up as a
+        multipart upload (``upload["id"]``), part by part. Returns the SHA-256, the size
+        and the parts."""
+        first = _read_full(pipe, self.part_size)
+        if len(first) < self.part_size:
+            upload["data"] = first
+            return hashlib.sha256(first).hexdigest(), len(first), []
+        self._abort_stale_uploads(obj)
+        upload["id"] = self._client.create_multipart_upload(**self._object_args(obj))["UploadId"]
+        return self._upload_parts(obj, upload["id"], pipe, first)
+
     def _upload_parts(
-        self, obj: str, upload_id: str, pipe: IO[bytes]
-    ) -> tuple[list[dict[str, Any]], str, int]:
-        """Read the stream in parts and upload each as it fills, ``in_flight`` at most at
-        once. Returns the parts (for completing the upload), the SHA-256 and the size."""
+        self, obj: str, upload_id: str, pipe: IO[bytes], first: bytes
+    ) -> tuple[str, int, list[dict[str, Any]]]:
+        """Upload ``first`` and the rest of the stream in parts as each fills,
+        ``in_flight`` at most at once."""
         sha = hashlib.sha256()
         size = 0
         number = 0
@@ -430,9 +450,11 @@ class S3SnapshotStore:
 
         with ThreadPoolExecutor(self._in_flight, thread_name_prefix="s3-part") as pool:
             try:
+                data = first
                 while True:
-                    data = _read_full(pipe, self.part_size)
-                    if not data and number > 0:
+                    if number:
+                        data = _read_full(pipe, self.part_size)
+                    if not data:
                         break
                     sha.update(data)
                     size += len(data)
@@ -447,7 +469,7 @@ class S3SnapshotStore:
             except BaseException:
                 stop.set()
                 raise
-        return done, sha.hexdigest(), size
+        return sha.hexdigest(), size, done
 
     def _recorded(self, key: str, obj: str) -> tuple[str, int]:
         """The SHA-256 and size recorded when the snapshot was saved."""
