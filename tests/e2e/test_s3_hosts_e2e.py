@@ -161,9 +161,14 @@ def test_twenty_sessions_of_a_killed_host_resume_on_another(
             for i, sid in enumerate(sids):
                 (works[sid] / "checkpointed.txt").write_text(f"session {i}\n")
                 kick(client, sid, "snapshots")
-            for sid in sids:
-                s = wait_state(client, sid, "active", timeout=300)
-                assert s["snapshotUrl"], s
+            for sid in sids:  # the kick's run may not have started yet: wait for its snapshot
+                wait_until(
+                    lambda sid=sid: (
+                        (s := get(client, sid))["snapshotUrl"] and s["lifecycleRunId"] is None
+                    ),
+                    timeout=300,
+                    what=f"the checkpoint of {sid}",
+                )
             for sid in sids:  # work after the checkpoint: what a lost host costs
                 (works[sid] / "after.txt").write_text("lost\n")
 
