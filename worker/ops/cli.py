@@ -352,7 +352,7 @@ def up(
     API key, and the API, a worker, beat and Flower, supervised until Ctrl-C."""
     from pathlib import Path
 
-    from worker.stack import Stack, StackError, StackOptions, banner
+    from worker.ops.stack import Stack, StackError, StackOptions, banner
 
     root = Path(data_dir) if data_dir else get_settings().data_dir
     if data_dir:
@@ -402,8 +402,8 @@ def demo(
     """Drive one session through its whole lifecycle, with a live timeline."""
     from pathlib import Path
 
-    from worker.demo import run_demo
-    from worker.stack import credentials_path, read_credentials
+    from worker.ops.demo import run_demo
+    from worker.ops.stack import credentials_path, read_credentials
 
     root = Path(data_dir) if data_dir else get_settings().data_dir
     saved = read_credentials(root)
@@ -439,7 +439,7 @@ def flower(
     Extra arguments are passed to Flower unchanged."""
     from worker.celery_app import app as celery_app
     from worker.logging import configure_logging
-    from worker.monitor import FlowerConfigError, apply_env, plan_flower
+    from worker.ops.monitor import FlowerConfigError, apply_env, plan_flower
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)

@@ -10,7 +10,7 @@ child (its whole process group), then the embedded servers, and leaves no proces
 Layout under the data directory (besides the providers' ``repos/``, ``sandboxes/``,
 ``snapshots/``)::
 
-    postgres/                 embedded PostgreSQL (see worker.embedded)
+    postgres/                 embedded PostgreSQL (see worker.ops.embedded)
     redis/                    embedded Redis, with an append-only file
     logs/<child>.log          each child's output, appended across starts, rotated at 10 MiB (3 kept)
     dev-credentials.json      the development account and API key (mode 0600)
@@ -476,7 +476,7 @@ class Stack:
             raise StackError("; ".join(busy))
         database_url = os.environ.get("LIFECYCLE_DATABASE_URL")
         broker_url = os.environ.get("LIFECYCLE_BROKER_URL")
-        from worker.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
+        from worker.ops.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 
         try:
             if not database_url:
@@ -546,7 +546,7 @@ class Stack:
                 LOOPBACK,
             ]
             if not flower_auth:
-                argv.append("--unauthenticated-api")  # loopback only; see worker.monitor
+                argv.append("--unauthenticated-api")  # loopback only; see worker.ops.monitor
             sup.add("flower", argv)
             flower_url = f"http://{LOOPBACK}:{opts.flower_port}"
         sup.start_all()
