@@ -135,9 +135,11 @@ def beat(loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO") ->
     """Run Celery beat (the scheduled sweeps)."""
     from worker.celery_app import app as celery_app
     from worker.logging import configure_logging
+    from worker.providers.broker import survive_broker_loss
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    survive_broker_loss()
     schedule = settings.data_dir / "celerybeat-schedule"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     celery_app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
@@ -444,9 +446,11 @@ def flower(
     from worker.celery_app import app as celery_app
     from worker.logging import configure_logging
     from worker.ops.monitor import FlowerConfigError, apply_env, plan_flower
+    from worker.providers.broker import survive_broker_loss
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    survive_broker_loss()
     auth = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else None
     try:
         plan = plan_flower(
