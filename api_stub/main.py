@@ -15,7 +15,7 @@ from worker.celery_app import create_celery
 from worker.config import Settings, get_settings
 from worker.db.engine import get_sessionmaker
 from worker.logging import configure_logging
-from worker.providers.broker import CeleryPublisher
+from worker.providers.broker import CeleryPublisher, survive_broker_loss
 from worker.providers.registry import build_repo_host
 from worker.services.outbox import BackgroundPublisher
 
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    survive_broker_loss()  # kombu's fix for a lost Redis connection (idempotent)
     app.state.celery = create_celery(settings)
     # Publishing from a request must fail fast when the broker is down (the outbox keeps
     # the job): no connection retries inside the request.

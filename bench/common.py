@@ -471,7 +471,7 @@ def api_process(servers: Servers, work: Path, workers: int) -> Iterator[tuple[st
     """The real API (uvicorn, ``lifecycle api --workers N``); yields (host, port, process)."""
     import http.client
 
-    from worker.embedded import find_free_port
+    from worker.ops.embedded import find_free_port
 
     port = find_free_port()
     proc = Proc(

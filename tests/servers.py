@@ -2,7 +2,7 @@
 
 Order for each: an explicitly configured URL; else the machine's server on its
 default port (started with the machine's own command if it is installed but down);
-else an embedded server (``worker.embedded``) under ``state_dir``, stopped at exit.
+else an embedded server (``worker.ops.embedded``) under ``state_dir``, stopped at exit.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from worker.embedded import EmbeddedPostgres, EmbeddedRedis
+from worker.ops.embedded import EmbeddedPostgres, EmbeddedRedis
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -1,5 +1,5 @@
 """``python -m worker`` is the ``lifecycle`` command."""
 
-from worker.cli import app
+from worker.ops.cli import app
 
 app(prog_name="lifecycle")

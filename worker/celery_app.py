@@ -1,7 +1,8 @@
 """The Celery application: broker settings, reliability settings and the beat schedule.
 
 The API imports this module only to publish tasks *by name*; task code lives in
-``worker.tasks`` and is loaded by worker processes alone.
+``worker.tasks`` and is loaded by worker processes alone. Importing it builds the app and
+does nothing else: no connection, no patching.
 """
 
 from __future__ import annotations
@@ -95,9 +96,10 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
-    from worker.providers.broker import survive_broker_loss
-
-    survive_broker_loss()  # before any connection exists; idempotent
+    """The Celery app, configured; nothing else. Each process that talks to the broker
+    installs kombu's fix for a lost Redis connection itself
+    (``providers.broker.survive_broker_loss``: a worker in ``worker.tasks`` at
+    ``worker_init``, Flower and beat in their commands, the API in ``create_app``)."""
     settings = settings or get_settings()
     app = Celery("lifecycle", include=["worker.tasks"])
     app.conf.update(celery_config(settings))

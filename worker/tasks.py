@@ -22,7 +22,7 @@ from worker.config import get_settings
 from worker.db.engine import get_sessionmaker, reset_engine
 from worker.domain.lifecycle import OutcomeStatus, RunKind
 from worker.logging import configure_logging, get_logger
-from worker.providers.broker import CeleryPublisher
+from worker.providers.broker import CeleryPublisher, survive_broker_loss
 from worker.providers.registry import build_providers
 from worker.services import hosts, sweeps
 from worker.services.lifecycle import LifecycleService
@@ -42,6 +42,13 @@ from worker.task_names import (
 )
 
 log = get_logger(__name__)
+
+
+@worker_init.connect
+def _survive_broker_loss(**_: Any) -> None:
+    # Before the consumer opens its first channel, and before the pool forks (the pool
+    # processes inherit it): a Redis connection lost mid-task must not kill the worker.
+    survive_broker_loss()
 
 
 @worker_init.connect

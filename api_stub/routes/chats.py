@@ -26,14 +26,12 @@ from api_stub.schemas import (
     StreamClaimRead,
     StreamClaimWrite,
     StreamRelease,
-    chat_dict,
     etag_of,
-    message_dict,
-    stream_dict,
 )
 from worker.db.models import ChatRecord
 from worker.errors import InvalidInput, PreconditionFailed
 from worker.services import chats, sessions
+from worker.services.views import chat_dict, message_dict, stream_dict
 
 router = APIRouter(prefix="/api/sessions/{session_id}/chats", tags=["chats"])
 

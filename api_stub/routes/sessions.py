@@ -9,7 +9,6 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
-from sqlalchemy import select
 
 from api_stub.deps import (
     AccountDep,
@@ -37,16 +36,14 @@ from api_stub.schemas import (
     SessionPage,
     SessionRun,
     SessionUpdate,
-    chat_dict,
     etag_of,
-    run_dict,
-    session_dict,
 )
 from worker.db.engine import get_sessionmaker
-from worker.db.models import LifecycleRunRecord, OutboxRecord
-from worker.domain.lifecycle import LifecycleState, RunKind, SessionStatus
-from worker.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
-from worker.services import accounts, chats, idempotency, outbox, runs, sessions
+from worker.db.models import OutboxRecord
+from worker.domain.lifecycle import RunKind, SessionStatus
+from worker.errors import InvalidInput, PreconditionFailed
+from worker.services import accounts, idempotency, outbox, runs, sessions
+from worker.services.views import cached_diff, chat_dict, run_dict, session_dict
 
 router = APIRouter(prefix="/api/sessions", tags=["sessions"])
 
@@ -320,18 +317,7 @@ def _kick(
 ) -> Response:
     with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
-        if record.lifecycle_state == LifecycleState.ARCHIVED.value or (
-            record.status == SessionStatus.ARCHIVED.value and kind is not RunKind.ARCHIVE
-        ):
-            raise Conflict("Session is archived; set status to running to unarchive it first")
-        if kind is RunKind.HIBERNATE and not force:
-            holder = chats.session_has_live_stream(db, record.id)
-            if holder is not None:
-                raise Conflict(
-                    f"A chat is streaming ({holder}); hibernate with ?force=true to stop it anyway",
-                    activeStreamId=holder,
-                )
-        result = runs.kick(db, record, kind, "force" if force else "api")
+        result = runs.request_run(db, record, kind, "api", force=force, force_hint="?force=true")
         payload = {"session": session_dict(record), "run": run_dict(result.run)}
     _publish(request, result.outbox)
     return JSONResponse(payload, status_code=202)
@@ -411,28 +397,10 @@ def extend(
 )
 def get_diff(session_id: str, account: AccountDep, db: DbDep) -> Response:
     record = sessions.get_owned(db, account, session_id)
-    if record.cached_diff is None:
-        raise NotFound("No cached diff available")
-    cached_at = record.cached_diff_updated_at
-    live = record.lifecycle_state in (LifecycleState.ACTIVE.value, LifecycleState.RESTORING.value)
-    stale = live and (
-        cached_at is None or record.last_activity_at is None or record.last_activity_at > cached_at
-    )
-    return JSONResponse(
-        {
-            "diff": record.cached_diff,
-            "cachedAt": cached_at and cached_at.isoformat(),
-            "isStale": bool(stale),
-        }
-    )
+    return JSONResponse(cached_diff(record))
 
 
 @router.get("/{session_id}/runs", response_model=RunList, responses=_ERRORS, summary="Run history")
 def list_runs(session_id: str, account: AccountDep, db: DbDep) -> Response:
     record = sessions.get_owned(db, account, session_id)
-    rows = db.scalars(
-        select(LifecycleRunRecord)
-        .where(LifecycleRunRecord.session_id == record.id)
-        .order_by(LifecycleRunRecord.created_at, LifecycleRunRecord.id)
-    )
-    return JSONResponse({"runs": [run_dict(r) for r in rows]})
+    return JSONResponse({"runs": [run_dict(r) for r in runs.history(db, record.id)]})

@@ -19,7 +19,7 @@ import pytest
 
 from tests.factories import Caller, make_caller
 from tests.processes import ROOT, spawn, wait_until, worker_args
-from worker.embedded import find_free_port
+from worker.ops.embedded import find_free_port
 
 
 class Stack:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.harness import RESULTS, Cluster
-from worker.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
+from worker.ops.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
 
 
 def faults_scale() -> float:

@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from tests.processes import LIFECYCLE, ROOT, spawn, wait_until, worker_args
-from worker.embedded import find_free_port
+from worker.ops.embedded import find_free_port
 
 OWNER = "recoupable"  # Settings.workspace_owner
 OPEN_STATES = ("pending", "queued", "running")

@@ -16,7 +16,7 @@ import pytest
 
 from tests.factories import Caller, make_caller
 from tests.integration.conftest import row_counts, sql
-from worker.embedded import find_free_port
+from worker.ops.embedded import find_free_port
 
 N = 200
 THREADS = 16

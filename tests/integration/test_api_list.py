@@ -37,10 +37,10 @@ def _all_pages(client: TestClient, caller: Caller, **params: str) -> list[list[d
 def _bulk_create(caller: Caller, n: int) -> list[dict[str, Any]]:
     """``n`` sessions created one after another through the service the endpoint uses
     (one transaction: the listing, not the create path, is under test here)."""
-    from api_stub.schemas import session_dict
     from worker.config import get_settings
     from worker.db.engine import get_sessionmaker
     from worker.services import sessions
+    from worker.services.views import session_dict
 
     with get_sessionmaker().begin() as db:
         made = [

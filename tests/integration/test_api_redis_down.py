@@ -21,7 +21,7 @@ from tests.integration.conftest import create, sql
 from worker.celery_app import create_celery
 from worker.config import Settings
 from worker.db.engine import get_sessionmaker
-from worker.embedded import EmbeddedRedis, find_free_port
+from worker.ops.embedded import EmbeddedRedis, find_free_port
 from worker.providers.broker import CeleryPublisher
 from worker.services.outbox import relay
 from worker.task_names import DEFAULT_QUEUE, TASK_PROVISION

@@ -1,16 +1,27 @@
 """A worker survives losing Redis while a task runs. kombu used the lost channel (its
 transport or client already gone) to restore unacknowledged messages on close and to
 acknowledge a task that finished after the reconnect; the AttributeError killed the
-whole worker."""
+whole worker.
+
+The fix is installed by each process that talks to the broker (a worker at
+``worker_init``), never by importing the Celery app."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-import worker.celery_app  # noqa: F401  (installs the fix)
+from worker.providers.broker import survive_broker_loss
+
+
+@pytest.fixture(autouse=True)
+def _fixed() -> None:
+    survive_broker_loss()  # idempotent; what a worker does at start
 
 
 def _lost_channel(broker_url: str, *, transport_gone: bool) -> tuple[Any, Any]:
@@ -53,3 +64,29 @@ def _forget(channel: Any) -> None:
     """Nothing left for kombu's exit-time restore of this fake delivery to try."""
     channel.qos._delivered.clear()
     channel.qos._delivered.restored = True
+
+
+ROOT = Path(__file__).resolve().parents[2]
+_PATCHED = (
+    "from kombu.transport import redis as r; "
+    "print(getattr(r.Channel._connparams, '_lifecycle_patched', False))"
+)
+
+
+def _python(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_importing_the_celery_app_patches_nothing_but_a_worker_start_does() -> None:
+    """``worker.celery_app`` has no import-time side effect beyond building the app; a
+    worker (``worker.tasks``, loaded by every worker) installs the fix at worker_init."""
+    assert _python(f"import worker.celery_app; {_PATCHED}") == "False"
+    worker_start = (
+        "from celery.signals import worker_init; import worker.tasks; "
+        f"worker_init.send(sender=None); {_PATCHED}"
+    )
+    assert _python(worker_start) == "True"

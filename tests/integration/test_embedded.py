@@ -1,4 +1,4 @@
-"""Embedded PostgreSQL / Redis (worker.embedded) and the test-server helpers (tests.servers)."""
+"""Embedded PostgreSQL / Redis (worker.ops.embedded) and the test-server helpers (tests.servers)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.servers import (
     postgres_answers,
     redis_answers,
 )
-from worker.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
+from worker.ops.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
 
 
 @pytest.fixture

@@ -15,14 +15,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from worker.stack import (
+from worker.ops.stack import (
     DevCredentials,
     StackError,
-    Supervisor,
     data_dir_lock,
     read_credentials,
     write_credentials,
 )
+from worker.ops.supervisor import Supervisor
 
 
 def _wait(check: Callable[[], object], timeout: float = 10.0) -> None:
@@ -83,7 +83,7 @@ def test_children_die_with_the_supervisor(tmp_path: Path) -> None:
         f"""
         import os, sys, time
         from pathlib import Path
-        from worker.stack import Supervisor
+        from worker.ops.supervisor import Supervisor
         sup = Supervisor(dict(os.environ), Path({str(tmp_path / "logs")!r}), say=print)
         child = sup.add("sleeper", ["sleep", "300"])
         sup.start_all()
@@ -125,7 +125,7 @@ def test_one_up_per_data_dir(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-c",
-                "import sys; from pathlib import Path; from worker.stack import data_dir_lock\n"
+                "import sys; from pathlib import Path; from worker.ops.stack import data_dir_lock\n"
                 "with data_dir_lock(Path(sys.argv[1])): pass",
                 str(tmp_path),
             ],

@@ -11,9 +11,9 @@ import pytest
 import typer
 import yaml
 
-from worker.cli import app
 from worker.config import Settings
-from worker.monitor import plan_flower
+from worker.ops.cli import app
+from worker.ops.monitor import plan_flower
 
 COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
 EXPECTED = {"postgres", "redis", "migrate", "api", "worker", "beat", "flower"}

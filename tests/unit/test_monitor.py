@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.monitor import FlowerConfigError, apply_env, is_loopback, plan_flower
+from worker.ops.monitor import FlowerConfigError, apply_env, is_loopback, plan_flower
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.stack import Stack, StackError, StackOptions
+from worker.ops.stack import Stack, StackError, StackOptions
 
 
 def _hold() -> socket.socket:
@@ -38,7 +38,7 @@ def test_both_busy_ports_are_named_at_once(tmp_path: Path) -> None:
 def test_logs_are_appended_across_starts_and_rotated_by_size(tmp_path: Path) -> None:
     import sys
 
-    from worker.stack import Supervisor, rotate_log
+    from worker.ops.supervisor import Supervisor, rotate_log
 
     logs = tmp_path / "logs"
     for run in ("first", "second"):

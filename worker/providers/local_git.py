@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from worker.domain.names import REPO_NAME_MAX_LENGTH, require_path_segment
 from worker.providers.base import (
     BranchInfo,
     PermanentProviderError,
@@ -53,20 +53,13 @@ HOST_IDENTITY_ENV = {
     "GIT_COMMITTER_EMAIL": "lifecycle@localhost",
 }
 
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
 
 # --------------------------------------------------------------------------- helpers
 
 
 def validate_safe_name(value: str, what: str) -> str:
-    """A repo owner or name: one path segment of letters, digits, ``.``, ``_``, ``-``."""
-    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value) or ".." in value:
-        raise PermanentProviderError(
-            f"invalid {what} {value!r}: use 1-100 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return value
+    """A repo owner or name: one safe path segment (:mod:`worker.domain.names`)."""
+    return require_path_segment(value, what, REPO_NAME_MAX_LENGTH, PermanentProviderError)
 
 
 # ------------------------------------------------------------------------- repo host

@@ -19,7 +19,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -27,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from worker.domain.names import SANDBOX_NAME_MAX_LENGTH, require_path_segment
 from worker.providers.base import (
     PermanentProviderError,
     SandboxInfo,
@@ -39,20 +39,16 @@ __all__ = ["LocalSandboxProvider", "validate_sandbox_name"]
 DEFAULT_GIT_USER_NAME = "Sandbox Agent"
 DEFAULT_GIT_USER_EMAIL = "agent@sandbox.local"
 
-_SANDBOX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TMP_PREFIX = ".tmp+"
 _TRASH_PREFIX = ".trash+"
 _META_DIR = ".meta"
 
 
 def validate_sandbox_name(name: str) -> str:
-    """One path segment: letters, digits, ``.``, ``_``, ``-``; no ``..``."""
-    if not isinstance(name, str) or not _SANDBOX_NAME.fullmatch(name) or ".." in name:
-        raise PermanentProviderError(
-            f"invalid sandbox name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
+    """A sandbox name: one safe path segment (:mod:`worker.domain.names`)."""
+    return require_path_segment(
+        name, "sandbox name", SANDBOX_NAME_MAX_LENGTH, PermanentProviderError
+    )
 
 
 def _make_user_writable(path: Path) -> None:

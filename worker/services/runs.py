@@ -1,4 +1,5 @@
-"""Lifecycle runs: recording kicks (with coalescing) and dispatching them one at a time."""
+"""Lifecycle runs: the kick rules (the one place the API and the command line ask for a
+run), recording kicks with coalescing, dispatching runs one at a time, and the history."""
 
 from __future__ import annotations
 
@@ -16,10 +17,15 @@ from worker.domain.lifecycle import (
     LifecycleState,
     RunKind,
     RunState,
+    SessionStatus,
     coalescing_kinds,
     is_kick_satisfied,
 )
-from worker.services import outbox
+from worker.errors import Conflict
+from worker.services import chats, outbox
+
+#: The trigger of a hibernate asked for with ``force``: its claim ignores a live stream.
+FORCE_TRIGGER = "force"
 
 
 @dataclass
@@ -68,6 +74,42 @@ def open_runs(db: Session, session_id: uuid.UUID) -> list[LifecycleRunRecord]:
     )
 
 
+def request_run(
+    db: Session,
+    session: SessionRecord,
+    kind: RunKind,
+    trigger: str,
+    *,
+    force: bool = False,
+    force_hint: str,
+) -> KickResult:
+    """A kick from outside (the API, the command line), under the kick rules; the caller
+    holds ``session`` locked (``FOR UPDATE``) and commits.
+
+    An archived session refuses every kick (Conflict) but an archive while its status is
+    archived: un-archive it first (status ``running``). A hibernate while a chat of the
+    session holds a live stream claim is refused (Conflict, ``activeStreamId``) unless
+    ``force``, which records the run with the ``force`` trigger (its claim then ignores
+    the stream). ``force_hint`` tells the caller how to ask for force (``?force=true``,
+    ``--force``). Then :func:`kick`."""
+    if session.lifecycle_state == LifecycleState.ARCHIVED.value or (
+        session.status == SessionStatus.ARCHIVED.value and kind is not RunKind.ARCHIVE
+    ):
+        raise Conflict("Session is archived; set status to running to unarchive it first")
+    if kind is RunKind.HIBERNATE:
+        if force:
+            trigger = FORCE_TRIGGER
+        else:
+            holder = chats.session_has_live_stream(db, session.id)
+            if holder is not None:
+                raise Conflict(
+                    f"A chat is streaming ({holder}); hibernate with {force_hint} "
+                    "to stop it anyway",
+                    activeStreamId=holder,
+                )
+    return kick(db, session, kind, trigger)
+
+
 def kick(db: Session, session: SessionRecord, kind: RunKind, trigger: str) -> KickResult:
     """Ask for a run of ``kind``. The caller holds ``session`` locked (``FOR UPDATE``).
 
@@ -114,3 +156,14 @@ def dispatch_next(db: Session, session: SessionRecord) -> list[OutboxRecord]:
     if pending is None:
         return []
     return [enqueue(db, session, pending)]
+
+
+def history(db: Session, session_id: uuid.UUID) -> list[LifecycleRunRecord]:
+    """Every run of the session, oldest first."""
+    return list(
+        db.scalars(
+            select(LifecycleRunRecord)
+            .where(LifecycleRunRecord.session_id == session_id)
+            .order_by(LifecycleRunRecord.created_at, LifecycleRunRecord.id)
+        )
+    )

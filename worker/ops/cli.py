@@ -135,9 +135,11 @@ def beat(loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO") ->
     """Run Celery beat (the scheduled sweeps)."""
     from worker.celery_app import app as celery_app
     from worker.logging import configure_logging
+    from worker.providers.broker import survive_broker_loss
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    survive_broker_loss()
     schedule = settings.data_dir / "celerybeat-schedule"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     celery_app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
@@ -272,10 +274,9 @@ def sessions_list(
 @sessions_app.command("show")
 def sessions_show(session_id: Annotated[str, typer.Argument()]) -> None:
     """Show one session and its run history as JSON."""
-    from sqlalchemy import select
-
-    from api_stub.schemas import run_dict, session_dict
-    from worker.db.models import LifecycleRunRecord, SessionRecord
+    from worker.db.models import SessionRecord
+    from worker.services import runs
+    from worker.services.views import run_dict, session_dict
 
     sid = _uuid(session_id, "session id")
     with _db() as db:
@@ -283,11 +284,7 @@ def sessions_show(session_id: Annotated[str, typer.Argument()]) -> None:
         if record is None:
             _fail("Session not found")
             return
-        history = db.scalars(
-            select(LifecycleRunRecord)
-            .where(LifecycleRunRecord.session_id == sid)
-            .order_by(LifecycleRunRecord.created_at)
-        )
+        history = runs.history(db, sid)
         out = {"session": session_dict(record), "runs": [run_dict(r) for r in history]}
     typer.echo(json.dumps(out, indent=2))
 
@@ -296,8 +293,15 @@ def sessions_show(session_id: Annotated[str, typer.Argument()]) -> None:
 def sessions_kick(
     session_id: Annotated[str, typer.Argument()],
     kind: Annotated[str, typer.Argument(help="start | hibernate | snapshot | diff | archive")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Hibernate even while a chat's stream claim is live (?force=true)"
+        ),
+    ] = False,
 ) -> None:
-    """Ask for a lifecycle run, exactly as the API's kick endpoints do."""
+    """Ask for a lifecycle run, exactly as the API's kick endpoints do (the same rules:
+    an archived session refuses kicks, a live stream refuses a hibernate without --force)."""
     from worker.celery_app import app as celery_app
     from worker.db.engine import get_sessionmaker
     from worker.db.models import SessionRecord
@@ -316,7 +320,9 @@ def sessions_kick(
         if record is None:
             _fail("Session not found")
             return
-        result = runs.kick(db, record, run_kind, "cli")
+        result = _domain(
+            lambda: runs.request_run(db, record, run_kind, "cli", force=force, force_hint="--force")
+        )
         run_id, created, jobs = str(result.run.id), result.created, result.outbox
     outbox.publish_now(get_sessionmaker(), jobs, CeleryPublisher(celery_app))
     typer.echo(json.dumps({"run": run_id, "coalesced": not created}))
@@ -352,7 +358,7 @@ def up(
     API key, and the API, a worker, beat and Flower, supervised until Ctrl-C."""
     from pathlib import Path
 
-    from worker.stack import Stack, StackError, StackOptions, banner
+    from worker.ops.stack import Stack, StackError, StackOptions, banner
 
     root = Path(data_dir) if data_dir else get_settings().data_dir
     if data_dir:
@@ -402,8 +408,8 @@ def demo(
     """Drive one session through its whole lifecycle, with a live timeline."""
     from pathlib import Path
 
-    from worker.demo import run_demo
-    from worker.stack import credentials_path, read_credentials
+    from worker.ops.demo import run_demo
+    from worker.ops.stack import credentials_path, read_credentials
 
     root = Path(data_dir) if data_dir else get_settings().data_dir
     saved = read_credentials(root)
@@ -439,10 +445,12 @@ def flower(
     Extra arguments are passed to Flower unchanged."""
     from worker.celery_app import app as celery_app
     from worker.logging import configure_logging
-    from worker.monitor import FlowerConfigError, apply_env, plan_flower
+    from worker.ops.monitor import FlowerConfigError, apply_env, plan_flower
+    from worker.providers.broker import survive_broker_loss
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    survive_broker_loss()
     auth = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else None
     try:
         plan = plan_flower(
