@@ -102,6 +102,9 @@ def test_a_command_runs_in_the_workspace_as_an_unprivileged_user(
     assert result.stderr == b"oops\n"
     caps = _sh(provider, "grep CapEff /proc/self/status").stdout.decode()
     assert caps.split()[-1] == "0000000000000000"  # no capabilities at all
+    # None of the worker's descriptors (tree, passwd data, bwrap's info pipe) leak in.
+    fds = _sh(provider, "ls /proc/self/fd").stdout.decode().split()
+    assert fds == ["0", "1", "2", "3"]  # 3: ls's own directory listing
 
 
 def test_files_written_inside_land_in_the_tree_owned_by_the_sandbox(

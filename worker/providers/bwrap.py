@@ -58,6 +58,7 @@ sockets included — keep it off where they listen.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import selectors
@@ -267,6 +268,7 @@ class BwrapRuntime:
         workspace_fd: int,
         passwd_fd: int,
         group_fd: int,
+        info_fd: int | None = None,
         network: bool | None = None,
     ) -> list[str]:
         """The ``bwrap`` argv for ``spec`` (descriptors are passed to the child)."""
@@ -290,6 +292,8 @@ class BwrapRuntime:
             "--cap-drop",
             "ALL",
         ]
+        if info_fd is not None:  # bwrap writes {"child-pid": …} there: the namespace's init
+            args += ["--info-fd", str(info_fd)]
         if not allow_net:
             args.append("--unshare-net")
         args += _system_binds()
@@ -353,13 +357,15 @@ class BwrapRuntime:
         when it returns a reason."""
         if not spec.argv:
             raise PermanentProviderError("a command needs at least a program to run")
-        proc, started = self._spawn(sandbox, workdir, spec, limits, user, network)
+        proc, started, info = self._spawn(sandbox, workdir, spec, limits, user, network)
         try:
-            return self._supervise(proc, started, workdir, limits, on_output, should_stop)
+            return self._supervise(proc, started, info, workdir, limits, on_output, should_stop)
         finally:
             if proc.poll() is None:
                 _kill_group(proc.pid)
             proc.wait()
+            with contextlib.suppress(OSError):
+                os.close(info)
             self._unregister(sandbox, proc.pid)
 
     def _spawn(
@@ -370,7 +376,7 @@ class BwrapRuntime:
         limits: CommandLimits,
         user: SandboxUser | None,
         network: bool | None,
-    ) -> tuple[subprocess.Popen[bytes], float]:
+    ) -> tuple[subprocess.Popen[bytes], float, int]:
         try:
             workspace_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError as exc:
@@ -383,7 +389,8 @@ class BwrapRuntime:
             "nobody:x:65534:65534::/nonexistent:/usr/sbin/nologin\n"
         )
         group_fd = _data_fd(f"root:x:0:\nsandbox:x:{INSIDE_UID}:\nnogroup:x:65534:\n")
-        fds = (workspace_fd, passwd_fd, group_fd)
+        info_read, info_fd = os.pipe()
+        fds = (workspace_fd, passwd_fd, group_fd, info_fd)
         try:
             argv = self.command_line(
                 spec,
@@ -391,6 +398,7 @@ class BwrapRuntime:
                 workspace_fd=workspace_fd,
                 passwd_fd=passwd_fd,
                 group_fd=group_fd,
+                info_fd=info_fd,
                 network=network,
             )
             identity: dict[str, object] = {}
@@ -408,6 +416,9 @@ class BwrapRuntime:
                 start_new_session=True,
                 **identity,  # type: ignore[call-overload]
             )
+        except BaseException:
+            os.close(info_read)
+            raise
         finally:
             for fd in fds:
                 os.close(fd)
@@ -416,12 +427,13 @@ class BwrapRuntime:
             threading.Thread(
                 target=_feed_stdin, args=(proc, spec.stdin), daemon=True, name="cmd-stdin"
             ).start()
-        return proc, started
+        return proc, started, info_read
 
     def _supervise(
         self,
         proc: subprocess.Popen[bytes],
         started: float,
+        info_fd: int,
         workdir: Path,
         limits: CommandLimits,
         on_output: Callable[[str, bytes], None] | None,
@@ -430,12 +442,14 @@ class BwrapRuntime:
         captures = {
             "stdout": _Capture(limits.output_bytes),
             "stderr": _Capture(limits.output_bytes),
+            "info": _Capture(64 * 1024),
         }
         watch = _Watchdog(started, workdir, limits, should_stop)
         sel = selectors.DefaultSelector()
         assert proc.stdout is not None and proc.stderr is not None
         sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
         sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+        sel.register(info_fd, selectors.EVENT_READ, "info")
         try:
             # Drain both pipes to their end (every process holding them gone), whatever
             # is kept: the command never blocks on a full pipe.
@@ -448,12 +462,15 @@ class BwrapRuntime:
                         sel.unregister(key.fileobj)
                         continue
                     captures[key.data].feed(chunk)
-                    if on_output is not None:
+                    if on_output is not None and key.data != "info":
                         on_output(key.data, chunk)
         finally:
             sel.close()
         proc.wait()
         duration = time.monotonic() - started
+        # bwrap may exit as soon as the command does, while the kernel is still ending
+        # the namespace's other processes: its init is gone only once they all are.
+        _wait_namespace_gone(bytes(captures["info"].data))
         watch.final_check()
         return _result(proc.returncode, duration, captures, watch.killed, watch.disk)
 
@@ -579,6 +596,18 @@ def _is_zombie(pid: int) -> bool:
         return True
     fields = raw.rsplit(")", 1)[-1].split()
     return bool(fields) and fields[0] in ("Z", "X")
+
+
+def _wait_namespace_gone(info: bytes, timeout: float = 30.0) -> None:
+    """Wait until the pid namespace's init (``child-pid`` in bwrap's info) has exited:
+    the kernel lets it go only after every other process of the namespace."""
+    try:
+        pid = int(json.loads(info.decode())["child-pid"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return  # bwrap failed before starting it: nothing runs
+    deadline = time.monotonic() + timeout
+    while not _is_zombie(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _kill_group(pid: int) -> None:
