@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_FLAGS ?=
 
-.PHONY: install run test lint fmt services test-faults test-e2e bench bench-quick docs-screenshot api-docs clean
+.PHONY: install run test lint fmt services bwrap test-faults test-e2e bench bench-quick docs-screenshot api-docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ install: $(STAMP)
 ## Ports: make run API_PORT=8080 FLOWER_PORT=5556
 API_PORT ?= 8000
 FLOWER_PORT ?= 5555
-run: install
+run: install bwrap
 	$(BIN)/lifecycle up --api-port $(API_PORT) --flower-port $(FLOWER_PORT)
 
 ## Lint, type-check and run the test suite (short fault scenarios included).
@@ -37,8 +37,13 @@ fmt: install
 
 ## Start the machine's PostgreSQL / Redis / RabbitMQ when installed but down (tests
 ## fall back to embedded servers when they are not installed at all).
-services:
+services: bwrap
 	bash scripts/ensure-services.sh
+
+## bubblewrap, which confines sandboxed commands: installed when missing and we can
+## (root with apt), else the command that would is printed.
+bwrap:
+	bash scripts/ensure-bwrap.sh
 
 ## The full fault suite (long).
 test-faults: install services

@@ -97,6 +97,21 @@ def db_clean(server_urls: dict[str, str]) -> Iterator[dict[str, str]]:
     yield server_urls
 
 
+@pytest.fixture(scope="session")
+def bwrap() -> str:
+    """The ``bwrap`` binary. Missing: skip, naming the install command; under
+    ``CI=true`` fail instead, so a CI machine without it never passes by skipping."""
+    from worker.providers.bwrap import INSTALL_HINT, find_bwrap
+
+    path = find_bwrap()
+    if path is None:
+        message = f"bubblewrap is not installed: {INSTALL_HINT}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{message} (CI=true: sandbox isolation must be tested)")
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture
 def redis_client(server_urls: dict[str, str]) -> Iterator[object]:
     import redis

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from worker.providers.bwrap import CommandLimits
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -23,7 +26,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".lifecycle")
 
     repo_host: Literal["local", "github"] = "local"
-    sandbox_provider: Literal["local"] = "local"
+    # "bwrap": the local trees, with agents' commands confined by bubblewrap;
+    # "local": plain directories (no commands can run there).
+    sandbox_provider: Literal["local", "bwrap"] = "local"
     # "file": archives under data_dir/snapshots, restorable only on this host (the
     # embedded default). "s3://bucket/prefix": S3-compatible object storage every host
     # reads (credentials and region from boto3's standard AWS chain).
@@ -86,6 +91,26 @@ class Settings(BaseSettings):
     # A chat message's encoded parts (the request body limit applies as well).
     max_message_bytes: int = Field(default=60 * 1024, gt=0)
 
+    # Confined commands (bwrap provider; see worker/providers/bwrap.py for what each
+    # limit covers and what it does not).
+    command_timeout_seconds: float = Field(default=300, gt=0)  # when a command names none
+    command_max_timeout_seconds: float = Field(default=3600, gt=0)
+    command_cpu_seconds: int = Field(default=3600, gt=0)
+    command_memory_bytes: int = Field(default=8 << 30, gt=0)
+    command_max_processes: int = Field(default=256, gt=0)
+    command_open_files: int = Field(default=1024, gt=0)
+    command_file_size_bytes: int = Field(default=1 << 30, gt=0)
+    command_output_bytes: int = Field(default=1 << 20, gt=0)
+    command_max_stdin_bytes: int = Field(default=32 * 1024, ge=0)
+    sandbox_disk_bytes: int = Field(default=10 << 30, gt=0)
+    sandbox_tmp_bytes: int = Field(default=512 << 20, gt=0)
+    sandbox_disk_check_seconds: float = Field(default=5, gt=0)
+    # Commands share the host's network namespace (loopback services included!) when on.
+    sandbox_network: bool = False
+    # Worker as root: each sandbox runs as its own host uid from this range.
+    sandbox_uid_base: int = Field(default=2_000_000, gt=0)
+    sandbox_uid_count: int = Field(default=1_000_000, gt=0)
+
     log_level: str = "INFO"
     log_json: bool | None = None  # None: JSON when stderr is not a TTY
 
@@ -107,6 +132,23 @@ class Settings(BaseSettings):
 
         parse_s3_url(value)  # ValueError: "not an s3://bucket/prefix URL"
         return value
+
+    def command_limits(self, timeout_seconds: float | None = None) -> CommandLimits:
+        """The limits of one command (``timeout_seconds`` as asked, else the default)."""
+        from worker.providers.bwrap import CommandLimits
+
+        return CommandLimits(
+            wall_seconds=timeout_seconds or self.command_timeout_seconds,
+            cpu_seconds=self.command_cpu_seconds,
+            memory_bytes=self.command_memory_bytes,
+            processes=self.command_max_processes,
+            open_files=self.command_open_files,
+            file_size_bytes=self.command_file_size_bytes,
+            output_bytes=self.command_output_bytes,
+            disk_bytes=self.sandbox_disk_bytes,
+            tmp_bytes=self.sandbox_tmp_bytes,
+            disk_check_seconds=self.sandbox_disk_check_seconds,
+        )
 
     @property
     def repos_dir(self) -> Path:

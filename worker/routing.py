@@ -14,8 +14,8 @@ from typing import Any
 
 from worker.task_names import DEFAULT_QUEUE
 
-# Kinds that need the live sandbox when one exists.
-_SANDBOX_BOUND = frozenset({"hibernate", "snapshot", "diff", "archive"})
+# Kinds that need the live sandbox when one exists ("command": an agent's command).
+_SANDBOX_BOUND = frozenset({"hibernate", "snapshot", "diff", "archive", "command"})
 
 
 def this_host() -> str:

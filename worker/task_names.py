@@ -10,6 +10,8 @@ TASK_HIBERNATE = "lifecycle.hibernate"
 TASK_SNAPSHOT = "lifecycle.snapshot"
 TASK_DIFF = "lifecycle.diff"
 TASK_ARCHIVE = "lifecycle.archive"
+# An agent's command in a live sandbox (routed like the runs bound to it).
+TASK_COMMAND = "sandbox.command"
 
 SWEEP_HIBERNATE_IDLE = "sweeps.hibernate_idle"
 SWEEP_RELAY_OUTBOX = "sweeps.relay_outbox"

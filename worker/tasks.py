@@ -34,6 +34,7 @@ from worker.task_names import (
     SWEEP_REAP_RUNS,
     SWEEP_RELAY_OUTBOX,
     TASK_ARCHIVE,
+    TASK_COMMAND,
     TASK_DIFF,
     TASK_HIBERNATE,
     TASK_PROVISION,
@@ -145,6 +146,24 @@ hibernate = _lifecycle_task(TASK_HIBERNATE, RunKind.HIBERNATE)
 snapshot = _lifecycle_task(TASK_SNAPSHOT, RunKind.SNAPSHOT)
 diff = _lifecycle_task(TASK_DIFF, RunKind.DIFF)
 archive = _lifecycle_task(TASK_ARCHIVE, RunKind.ARCHIVE)
+
+
+# At most once: a command is not idempotent, so a delivery lost with its worker is not
+# run again (acks_late off), and the claim skips a duplicate.
+@app.task(name=TASK_COMMAND, acks_late=False)
+def command(command_id: str) -> dict[str, Any]:
+    """An agent's command in the sandbox this host holds."""
+    import uuid
+
+    from worker.routing import this_host
+    from worker.services import commands
+
+    svc = service()
+    with structlog.contextvars.bound_contextvars(command_id=command_id):
+        status = commands.execute(
+            svc.factory, svc.settings, svc.providers, uuid.UUID(command_id), this_host()
+        )
+    return {"status": status}
 
 
 def _sweep(name: str, fn: Any) -> dict[str, Any]:

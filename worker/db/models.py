@@ -322,3 +322,41 @@ class SweepRunRecord(Base):
     last_items: Mapped[int | None] = mapped_column(Integer)
     last_result: Mapped[dict[str, Any] | None]
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class CommandRecord(Base):
+    """A command run in a session's sandbox: what was asked and how it ended.
+
+    ``env`` holds the variables' values only until the command ends (they may carry the
+    caller's own secrets); then only their names are kept."""
+
+    __tablename__ = "commands"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    session_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    argv: Mapped[list[Any]]
+    cwd: Mapped[str] = mapped_column(Text)
+    env: Mapped[dict[str, Any]]
+    timeout_seconds: Mapped[float]
+    stdin: Mapped[bytes | None] = mapped_column(LargeBinary)
+    detached: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # queued | running | exited | killed | failed
+    status: Mapped[str] = mapped_column(String(20), server_default="queued")
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    signal: Mapped[int | None] = mapped_column(Integer)
+    killed_by: Mapped[str | None] = mapped_column(String(20))  # timeout | disk | request
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_seconds: Mapped[float | None]
+    stdout: Mapped[bytes | None] = mapped_column(LargeBinary)
+    stderr: Mapped[bytes | None] = mapped_column(LargeBinary)
+    stdout_bytes: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    stderr_bytes: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    stdout_truncated: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    stderr_truncated: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    host: Mapped[str | None] = mapped_column(String(255))
+    kill_requested_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_commands_session_created", "session_id", "created_at", "id"),)

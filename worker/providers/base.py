@@ -17,7 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from worker.providers.bwrap import CommandLimits, CommandResult, CommandSpec
 
 
 class ProviderError(Exception):
@@ -132,6 +137,25 @@ class SandboxProvider(Protocol):
 
     def state(self, name: str) -> dict[str, Any]:
         """Provider-specific fields to publish in ``sandboxState`` (e.g. ``workdir``)."""
+        ...
+
+    def run_command(
+        self,
+        name: str,
+        spec: CommandSpec,
+        limits: CommandLimits | None = None,
+        *,
+        network: bool | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+        should_stop: Callable[[], str | None] | None = None,
+    ) -> CommandResult:
+        """Run ``spec`` confined in sandbox ``name`` and wait for its end or a limit.
+        Providers that cannot confine commands raise :class:`PermanentProviderError`
+        saying what to install."""
+        ...
+
+    def stop_processes(self, name: str) -> int:
+        """End every process of sandbox ``name``; how many command groups were ended."""
         ...
 
 

@@ -24,7 +24,7 @@ import stat
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.domain.names import SANDBOX_NAME_MAX_LENGTH, require_path_segment
 from worker.providers.base import (
@@ -33,6 +33,11 @@ from worker.providers.base import (
     SnapshotStore,
 )
 from worker.providers.git import run_git, strip_url_credentials, validate_branch_name
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from worker.providers.bwrap import CommandLimits, CommandResult, CommandSpec
 
 __all__ = ["LocalSandboxProvider", "validate_sandbox_name"]
 
@@ -204,6 +209,29 @@ class LocalSandboxProvider:
 
     def state(self, name: str) -> dict[str, Any]:
         return {"workdir": str(self.workdir(name))}
+
+    def run_command(
+        self,
+        name: str,
+        spec: CommandSpec,
+        limits: CommandLimits | None = None,
+        *,
+        network: bool | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+        should_stop: Callable[[], str | None] | None = None,
+    ) -> CommandResult:
+        """A plain directory confines nothing, so it runs nothing."""
+        del spec, limits, network, on_output, should_stop
+        raise PermanentProviderError(
+            f"sandbox {name} uses the plain directory provider, which cannot confine "
+            "commands; install bubblewrap on the worker host (apt-get install -y "
+            "bubblewrap) and set LIFECYCLE_SANDBOX_PROVIDER=bwrap"
+        )
+
+    def stop_processes(self, name: str) -> int:
+        """No command ever runs in a plain directory sandbox."""
+        del name
+        return 0
 
     # -- internals -----------------------------------------------------------------
 

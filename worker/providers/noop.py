@@ -9,6 +9,7 @@ a sandbox "exists" everywhere, a snapshot restores from anywhere, a diff is empt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from worker.providers.base import (
     SnapshotInfo,
     SnapshotStore,
 )
+from worker.providers.bwrap import CommandLimits, CommandResult, CommandSpec
 
 __all__ = ["NoopRepoHost", "NoopSandboxProvider", "NoopSnapshotStore", "noop_diff"]
 
@@ -85,6 +87,32 @@ class NoopSandboxProvider:
 
     def state(self, name: str) -> dict[str, Any]:
         return {}
+
+    def run_command(
+        self,
+        name: str,
+        spec: CommandSpec,
+        limits: CommandLimits | None = None,
+        *,
+        network: bool | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
+        should_stop: Callable[[], str | None] | None = None,
+    ) -> CommandResult:
+        """Every command succeeds at once and prints nothing."""
+        return CommandResult(
+            exit_code=0,
+            signal=None,
+            duration=0.0,
+            stdout=b"",
+            stderr=b"",
+            stdout_bytes=0,
+            stderr_bytes=0,
+            stdout_truncated=False,
+            stderr_truncated=False,
+        )
+
+    def stop_processes(self, name: str) -> int:
+        return 0
 
 
 class NoopSnapshotStore:

@@ -53,15 +53,31 @@ def build_snapshot_store(settings: Settings) -> SnapshotStore:
     return FileSnapshotStore(settings.snapshots_dir.resolve())
 
 
+def build_sandbox_provider(settings: Settings) -> SandboxProvider:
+    """The plain directory provider, or the same trees with commands under bubblewrap."""
+    root = settings.sandboxes_dir.resolve()
+    if settings.sandbox_provider == "bwrap":
+        from worker.providers.bwrap_sandbox import BwrapSandboxProvider
+
+        return BwrapSandboxProvider(
+            root,
+            limits=settings.command_limits(),
+            network=settings.sandbox_network,
+            uid_base=settings.sandbox_uid_base,
+            uid_count=settings.sandbox_uid_count,
+        )
+    from worker.providers.local_sandbox import LocalSandboxProvider
+
+    return LocalSandboxProvider(root)
+
+
 def build_providers(settings: Settings) -> Providers:
     if settings.provider_set == "noop":
         providers = _noop_providers(settings)
     else:
-        from worker.providers.local_sandbox import LocalSandboxProvider
-
         providers = Providers(
             repo_host=build_repo_host(settings),
-            sandbox=LocalSandboxProvider(settings.sandboxes_dir.resolve()),
+            sandbox=build_sandbox_provider(settings),
             snapshots=build_snapshot_store(settings),
         )
     if settings.fault_plan is None:

@@ -319,7 +319,9 @@ class LifecycleService:
             return self.work.capture(s, claim.run, with_diff=False)
         if kind is RunKind.DIFF:
             return self.work.diff(s)
-        # HIBERNATE and ARCHIVE: keep the work, then stop the sandbox.
+        # HIBERNATE and ARCHIVE: end every process of the sandbox (nothing writes to the
+        # tree after the final snapshot), keep the work, then stop the sandbox.
+        self.providers.sandbox.stop_processes(sandbox_name(s.id))
         changes = self._capture_for_rest(kind, claim)
         if changes:
             # Checkpoint the snapshot before the sandbox goes, so a crash between the

@@ -1,0 +1,170 @@
+"""Commands end to end: the API process, a real Celery worker process with the ``bwrap``
+provider, real PostgreSQL, the broker and bubblewrap. Nothing in-process."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Stack, _amqp_up, _stack, wait_until
+from tests.e2e.test_lifecycle_e2e import create, kick, wait_state
+from tests.factories import Caller
+from tests.security.test_bwrap_isolation import _searchable
+
+pytestmark = pytest.mark.e2e
+
+
+def _bwrap_stack(server_urls: dict[str, str], tmp: Path, broker_url: str) -> Stack:
+    _searchable(tmp)
+    return _stack(
+        server_urls,
+        tmp,
+        broker_url,
+        {
+            "LIFECYCLE_SANDBOX_PROVIDER": "bwrap",
+            # A fake secret in the worker's own environment; no command may see it.
+            "GITHUB_TOKEN": "ghp_FAKEe2eSECRET0123456789",
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def bwrap_stack(
+    bwrap: str, server_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    import redis
+
+    redis.Redis.from_url(server_urls["broker_url"]).flushdb()
+    s = _bwrap_stack(server_urls, tmp_path_factory.mktemp("e2e-bwrap"), server_urls["broker_url"])
+    s.start_api()
+    s.start_worker(concurrency=3)
+    try:
+        yield s
+    finally:
+        s.stop_all()
+
+
+@pytest.fixture(scope="module")
+def bwrap_rabbit_stack(
+    bwrap: str, server_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    url = os.environ.get("LIFECYCLE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+    if not _amqp_up():
+        pytest.skip("no RabbitMQ answers on 127.0.0.1:5672 (set LIFECYCLE_TEST_AMQP_URL)")
+    s = _bwrap_stack(server_urls, tmp_path_factory.mktemp("e2e-bwrap-amqp"), url)
+    s.start_api()
+    s.start_worker(concurrency=3)
+    try:
+        yield s
+    finally:
+        s.stop_all()
+
+
+def run(client: httpx.Client, sid: str, **body: Any) -> dict[str, Any]:
+    r = client.post(f"/api/sessions/{sid}/commands", json=body)
+    assert r.status_code == 202, r.text
+    return r.json()["command"]  # type: ignore[no-any-return]
+
+
+def get_command(client: httpx.Client, sid: str, cid: str) -> dict[str, Any]:
+    r = client.get(f"/api/sessions/{sid}/commands/{cid}")
+    assert r.status_code == 200, r.text
+    return r.json()["command"]  # type: ignore[no-any-return]
+
+
+def finished(client: httpx.Client, sid: str, cid: str, timeout: float = 120) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        c = get_command(client, sid, cid)
+        return c if c["status"] in ("exited", "killed", "failed") else None
+
+    return wait_until(done, timeout=timeout, what=f"command {cid} to finish")  # type: ignore[no-any-return]
+
+
+def _commands_round(stack: Stack, caller: Caller) -> None:
+    with stack.client(caller) as client:
+        sid = create(client)["id"]
+        session = wait_state(client, sid, "active")
+        assert session["sandboxState"]["type"] == "bwrap"
+
+        hi = finished(client, sid, run(client, sid, argv=["echo", "hi"])["id"])
+        assert hi["status"] == "exited" and hi["exitCode"] == 0 and hi["signal"] is None
+        assert hi["stdout"] == "hi\n" and hi["stdoutBytes"] == 3 and hi["host"]
+
+        status = finished(client, sid, run(client, sid, cmd="git status --short --branch")["id"])
+        assert status["exitCode"] == 0 and status["stdout"].startswith("## "), status
+        py = finished(
+            client,
+            sid,
+            run(
+                client,
+                sid,
+                argv=["python3", "-c", "import os, sys; print(sys.stdin.read(), os.environ['X'])"],
+                env={"X": "from-env"},
+                stdin="from-stdin",
+            )["id"],
+        )
+        assert py["stdout"] == "from-stdin from-env\n", py
+        assert py["envNames"] == ["X"]
+
+        failing = finished(client, sid, run(client, sid, cmd="echo bad >&2; exit 7")["id"])
+        assert failing["status"] == "exited" and failing["exitCode"] == 7
+        assert failing["stderr"] == "bad\n"
+
+        slow = finished(
+            client, sid, run(client, sid, argv=["sleep", "600"], timeoutSeconds=1)["id"]
+        )
+        assert slow["status"] == "killed" and slow["killedBy"] == "timeout"
+        assert slow["signal"] == 9 and slow["exitCode"] is None
+
+        secrets = finished(client, sid, run(client, sid, cmd="env; cat /proc/1/environ")["id"])
+        assert "ghp_FAKE" not in secrets["stdout"] and "LIFECYCLE_" not in secrets["stdout"]
+        assert "postgresql" not in secrets["stdout"]
+
+        # Kill a running command over the API.
+        long = run(client, sid, argv=["sleep", "600"], timeoutSeconds=600)
+        wait_until(
+            lambda: get_command(client, sid, long["id"])["status"] == "running",
+            timeout=60,
+            what="the command to start",
+        )
+        r = client.post(f"/api/sessions/{sid}/commands/{long['id']}/kill")
+        assert r.status_code == 202, r.text
+        killed = finished(client, sid, long["id"])
+        assert killed["status"] == "killed" and killed["killedBy"] == "request"
+
+        page = client.get(f"/api/sessions/{sid}/commands", params={"limit": "100"}).json()
+        assert len(page["commands"]) == 7
+
+        # A detached process is running when the session hibernates: it ends with it.
+        server = run(client, sid, cmd="echo kept > kept.txt; exec sleep 100000", detached=True)
+        wait_until(
+            lambda: get_command(client, sid, server["id"])["status"] == "running",
+            timeout=60,
+            what="the detached command to start",
+        )
+        kick(client, sid, "hibernate")
+        wait_state(client, sid, "hibernated")
+        gone = finished(client, sid, server["id"])
+        assert gone["signal"] == 9, gone
+        r = client.post(f"/api/sessions/{sid}/commands", json={"argv": ["true"]})
+        assert r.status_code == 409 and r.json()["lifecycleState"] == "hibernated"
+
+        kick(client, sid, "sandbox")
+        wait_state(client, sid, "active")
+        back = finished(client, sid, run(client, sid, argv=["cat", "kept.txt"])["id"])
+        assert back["stdout"] == "kept\n", back
+
+
+def test_commands_through_the_api_in_a_real_bwrap_sandbox(
+    bwrap_stack: Stack, caller: Caller
+) -> None:
+    _commands_round(bwrap_stack, caller)
+
+
+def test_commands_with_rabbitmq_as_the_broker(bwrap_rabbit_stack: Stack, caller: Caller) -> None:
+    _commands_round(bwrap_rabbit_stack, caller)

@@ -1,0 +1,95 @@
+"""The ``bwrap`` provider through the real lifecycle service (real PostgreSQL, Redis,
+git and bubblewrap): the tree is the local provider's, commands run confined in it,
+hibernate ends every process before the snapshot, and resume brings the files back."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.test_lifecycle_service import _create, _drain, _kick, _session
+from tests.security.test_bwrap_isolation import _searchable, _uid_processes
+from worker.celery_app import create_celery
+from worker.config import get_settings
+from worker.db.engine import get_sessionmaker
+from worker.domain.lifecycle import RunKind, sandbox_name
+from worker.providers.broker import CeleryPublisher
+from worker.providers.bwrap import CommandResult, CommandSpec
+from worker.providers.bwrap_sandbox import BwrapSandboxProvider
+from worker.providers.registry import build_providers
+from worker.services.lifecycle import LifecycleService
+
+
+@pytest.fixture
+def bsvc(
+    bwrap: str, db_clean: dict[str, str], redis_client: Any, tmp_path: Path
+) -> LifecycleService:
+    _searchable(tmp_path)
+    settings = get_settings().model_copy(
+        update={"data_dir": tmp_path, "sandbox_provider": "bwrap", "command_timeout_seconds": 60}
+    )
+    return LifecycleService(
+        settings,
+        get_sessionmaker(),
+        build_providers(settings),
+        CeleryPublisher(create_celery(settings)),
+    )
+
+
+def _run(svc: LifecycleService, sid: uuid.UUID, *argv: str) -> CommandResult:
+    sandbox = svc.providers.sandbox
+    assert isinstance(sandbox, BwrapSandboxProvider)
+    return sandbox.run_command(sandbox_name(sid), CommandSpec(list(argv)))
+
+
+def test_the_settings_pick_the_bwrap_provider(bsvc: LifecycleService) -> None:
+    assert isinstance(bsvc.providers.sandbox, BwrapSandboxProvider)
+    assert bsvc.providers.sandbox.kind == "bwrap"
+
+
+def test_commands_work_in_a_real_session_and_survive_hibernate(bsvc: LifecycleService) -> None:
+    sid = _create(bsvc)
+    assert _drain(bsvc, sid) == ["succeeded", "succeeded"]  # provision, start
+    state = _session(bsvc, sid).sandbox_state
+    assert state["type"] == "bwrap" and state["confined"] is True
+
+    status = _run(bsvc, sid, "git", "status", "--short", "--branch")
+    assert status.exit_code == 0, status.stderr
+    assert status.stdout.startswith(b"## ")
+    made = _run(bsvc, sid, "python3", "-c", "open('made.txt', 'w').write('by the agent\\n')")
+    assert made.exit_code == 0, made.stderr
+
+    _kick(bsvc, sid, RunKind.DIFF)
+    assert _drain(bsvc, sid) == ["succeeded"]
+    diff = _session(bsvc, sid).cached_diff
+    assert diff is not None and "made.txt" in {f["path"] for f in diff["files"]}
+
+    # A long command is running when the session hibernates: it ends, nothing is left.
+    results: list[CommandResult] = []
+    runner = threading.Thread(
+        target=lambda: results.append(_run(bsvc, sid, "sh", "-c", "sleep 1000 & sleep 1000"))
+    )
+    runner.start()
+    sandbox = bsvc.providers.sandbox
+    assert isinstance(sandbox, BwrapSandboxProvider)
+    user = sandbox.user_for(sandbox_name(sid))
+    for _ in range(500):
+        if sandbox.runtime.running(sandbox_name(sid)):
+            break
+        threading.Event().wait(0.02)
+    _kick(bsvc, sid, RunKind.HIBERNATE)
+    assert _drain(bsvc, sid) == ["succeeded"]
+    runner.join(timeout=60)
+    assert results and results[0].signal == 9
+    assert _session(bsvc, sid).lifecycle_state == "hibernated"
+    if user is not None:
+        assert _uid_processes(user.uid) == []
+
+    _kick(bsvc, sid, RunKind.START)
+    assert _drain(bsvc, sid) == ["succeeded"]
+    again = _run(bsvc, sid, "cat", "made.txt")
+    assert again.exit_code == 0 and again.stdout == b"by the agent\n"
