@@ -144,6 +144,11 @@ def test_up_runs_the_demo_and_stops_cleanly(first_up: Up, base: Path) -> None:
     banner = up.text()
     creds = json.loads((up.data_dir / "dev-credentials.json").read_text())
     assert creds["key"] in banner and "(embedded)" in banner
+    # bubblewrap present (make test installs it): commands are on, and the banner says so.
+    import shutil
+
+    expected = "Sandboxes bwrap" if shutil.which("bwrap") else "Sandboxes local"
+    assert expected in banner
     assert (up.data_dir / "dev-credentials.json").stat().st_mode & 0o777 == 0o600
     assert (up.data_dir / "postgres" / "pgdata" / "PG_VERSION").exists()
     assert (up.data_dir / "redis" / "redis.pid").exists()

@@ -39,6 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from worker.logging import redact_text
 from worker.ops.ports import LOOPBACK, port_is_free
 from worker.ops.supervisor import STOP_GRACE, Supervisor
+from worker.providers.bwrap import find_bwrap
 
 CREDENTIALS_FILE = "dev-credentials.json"
 DEV_ACCOUNT_NAME = "Development"
@@ -177,6 +178,7 @@ class StackInfo:
     credentials: DevCredentials
     credentials_created: bool
     flower_authenticated: bool
+    sandbox_provider: str = "local"
 
 
 class Stack:
@@ -268,6 +270,9 @@ class Stack:
         os.environ["LIFECYCLE_DATABASE_URL"] = database_url
         os.environ["LIFECYCLE_BROKER_URL"] = broker_url
         os.environ["LIFECYCLE_DATA_DIR"] = str(self.data_dir)
+        if "LIFECYCLE_SANDBOX_PROVIDER" not in os.environ:
+            # Agents' commands need bubblewrap; without it sandboxes are plain directories.
+            os.environ["LIFECYCLE_SANDBOX_PROVIDER"] = "bwrap" if find_bwrap() else "local"
         from worker.config import get_settings
         from worker.db.engine import reset_engine
         from worker.db.migrate import upgrade
@@ -330,6 +335,7 @@ class Stack:
             credentials=creds,
             credentials_created=created,
             flower_authenticated=flower_auth,
+            sandbox_provider=get_settings().sandbox_provider,
         )
         if not self._wait_ready(api_url):
             return None
@@ -384,6 +390,13 @@ def banner(info: StackInfo, data_dir: Path) -> str:
         f"  Database  {db}",
         f"  Broker    {broker}",
         f"  Data      {data_dir}   (logs in {data_dir / 'logs'})",
+        "  Sandboxes "
+        + (
+            "bwrap (agents' commands run confined by bubblewrap)"
+            if info.sandbox_provider == "bwrap"
+            else f"{info.sandbox_provider} (plain directories: no commands; for them install "
+            "bubblewrap: apt-get install -y bubblewrap)"
+        ),
         f"  Dev key   {creds.key}",
         f"            account {creds.account_id}"
         + ("" if not info.credentials_created else "  (new)")
