@@ -260,7 +260,7 @@ class Servers:
 
     @classmethod
     def start(cls, work: Path, log: Callable[[str], None]) -> Servers:
-        from tests import servers
+        from tests.support import servers
 
         state = Path(os.environ.get("LIFECYCLE_TEST_STATE_DIR", "/tmp/lifecycle-test-servers"))
         state.mkdir(parents=True, exist_ok=True)
@@ -366,7 +366,7 @@ class Servers:
         return env
 
     def close(self) -> None:
-        from tests import servers
+        from tests.support import servers
         from worker.db.engine import reset_engine
 
         reset_engine()
@@ -389,7 +389,7 @@ class Proc:
         logs.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.log_path = logs / f"{name}.log"
-        from tests.processes import spawn
+        from tests.support.processes import spawn
 
         self.popen = spawn(args, env, self.log_path)
 
@@ -454,7 +454,7 @@ def wait_for(
     check: Callable[[], Any], *, timeout: float, what: str, proc: Proc | None = None
 ) -> Any:
     """Poll ``check`` until truthy (the bound only stops a broken run from hanging)."""
-    from tests.processes import wait_until
+    from tests.support.processes import wait_until
 
     def alive() -> str | None:
         if proc is None or proc.alive():
@@ -498,7 +498,7 @@ def api_process(servers: Servers, work: Path, workers: int) -> Iterator[tuple[st
 def start_worker(servers: Servers, work: Path, concurrency: int, name: str = "worker") -> Proc:
     """The real worker (``lifecycle worker``, prefork) with the no-op provider set, also
     loading the ``bench.noop`` task; returns once it answers a ping."""
-    from tests.processes import worker_args
+    from tests.support.processes import worker_args
 
     proc = Proc(
         name,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start the machine's own servers when they are installed but not running. Where they
-# are not installed at all, the test suite starts embedded ones (tests/servers.py).
+# are not installed at all, the test suite starts embedded ones (tests/support/servers.py).
 set -u
 
 if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432; then

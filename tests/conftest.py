@@ -1,5 +1,5 @@
 """Shared fixtures: real PostgreSQL (a fresh, migrated database per test run) and real
-Redis, found or started by :mod:`tests.servers`."""
+Redis, found or started by :mod:`tests.support.servers`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from tests import servers
+from tests.support import servers
 
 # s3_server / s3_bucket: a real S3 API (moto in server mode) for any test that asks.
 pytest_plugins = ["tests.s3"]

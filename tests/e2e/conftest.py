@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.factories import Caller, make_caller
-from tests.processes import ROOT, spawn, wait_until, worker_args
+from tests.support.factories import Caller, make_caller
+from tests.support.processes import ROOT, spawn, wait_until, worker_args
 from worker.ops.embedded import find_free_port
 
 

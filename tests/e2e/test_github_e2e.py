@@ -16,8 +16,8 @@ import pytest
 from tests.conftest import redis_db_url
 from tests.e2e.conftest import Stack, _stack
 from tests.e2e.test_lifecycle_e2e import create, get, history, kick, wait_state
-from tests.factories import Caller, add_member, make_account, make_caller
 from tests.github_fake import FakeGitHubServer, start_fake_github
+from tests.support.factories import Caller, add_member, make_account, make_caller
 
 pytestmark = pytest.mark.e2e
 

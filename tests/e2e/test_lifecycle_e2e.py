@@ -17,7 +17,7 @@ import pytest
 import zstandard
 
 from tests.e2e.conftest import Stack, wait_until
-from tests.factories import Caller
+from tests.support.factories import Caller
 from worker.celery_app import create_celery
 from worker.config import Settings
 from worker.providers.file_snapshots import FileSnapshotStore

@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from tests.e2e.conftest import Stack, _stack
 from tests.e2e.test_lifecycle_e2e import create, get, history, kick, wait_state
-from tests.factories import make_caller
+from tests.support.factories import make_caller
 from worker.db.engine import get_sessionmaker
 from worker.db.models import LifecycleRunRecord
 

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.processes import LIFECYCLE, ROOT, wait_until
+from tests.support.processes import LIFECYCLE, ROOT, wait_until
 from worker.ops.embedded import find_free_port
 
 pytestmark = pytest.mark.e2e

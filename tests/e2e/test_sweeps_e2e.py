@@ -14,7 +14,7 @@ from sqlalchemy import update
 from tests.conftest import redis_db_url
 from tests.e2e.conftest import Stack, _stack, wait_until
 from tests.e2e.test_lifecycle_e2e import create, get, history, wait_state
-from tests.factories import Caller
+from tests.support.factories import Caller
 from worker.db.engine import get_sessionmaker
 from worker.db.models import ChatRecord
 

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import redis_db_url
 from tests.e2e.conftest import Stack, _stack, wait_until
 from tests.e2e.test_lifecycle_e2e import create, get, wait_state
-from tests.factories import Caller
+from tests.support.factories import Caller
 
 pytestmark = pytest.mark.e2e
 

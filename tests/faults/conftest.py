@@ -109,7 +109,7 @@ def make_cluster(
     :class:`Cluster` whose processes are all stopped when the test ends."""
     import redis
 
-    from tests.servers import create_fresh_database, drop_database
+    from tests.support.servers import create_fresh_database, drop_database
     from worker.db.migrate import upgrade
 
     made: list[tuple[Cluster, str]] = []

@@ -28,7 +28,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from tests.processes import LIFECYCLE, ROOT, spawn, wait_until, worker_args
+from tests.support.processes import LIFECYCLE, ROOT, spawn, wait_until, worker_args
 from worker.ops.embedded import find_free_port
 
 OWNER = "recoupable"  # Settings.workspace_owner

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from tests.factories import Caller, make_caller
+from tests.support.factories import Caller, make_caller
 
 # Every table a create/patch/kick may write to.
 WRITE_TABLES = ("sessions", "chats", "outbox", "lifecycle_runs", "idempotency_keys")

@@ -10,8 +10,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.factories import Caller
 from tests.integration.conftest import create, row_counts
+from tests.support.factories import Caller
 
 
 class Boom(RuntimeError):

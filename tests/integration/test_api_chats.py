@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from tests.factories import Caller, make_caller
 from tests.integration.conftest import assert_error, create, sql, sql_exec
+from tests.support.factories import Caller, make_caller
 from worker.db.engine import get_sessionmaker
 from worker.db.models import SessionRecord
 

@@ -9,7 +9,6 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from tests.factories import Caller, add_member, make_account, make_caller
 from tests.integration.conftest import (
     SEED_CHAT_FIELDS,
     SEED_SESSION_FIELDS,
@@ -18,6 +17,7 @@ from tests.integration.conftest import (
     row_counts,
     sql,
 )
+from tests.support.factories import Caller, add_member, make_account, make_caller
 from worker.config import get_settings
 
 GENERATED_TITLE = re.compile(r"^[A-Z][a-z]+ [A-Z][a-z]+ \d{4}$")

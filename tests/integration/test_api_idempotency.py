@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi.testclient import TestClient
 
-from tests.factories import Caller, make_caller
 from tests.integration.conftest import assert_error, create, row_counts, sql
+from tests.support.factories import Caller, make_caller
 
 
 def _key(caller: Caller, key: str) -> dict[str, str]:
@@ -70,7 +70,7 @@ def test_without_a_key_every_request_creates(client: TestClient, caller: Caller)
 
 
 def test_a_refused_request_does_not_burn_the_key(client: TestClient, caller: Caller) -> None:
-    from tests.factories import make_account
+    from tests.support.factories import make_account
 
     org = make_account("Closed", org=True)
     body = {"organizationId": str(org)}
@@ -78,7 +78,7 @@ def test_a_refused_request_does_not_burn_the_key(client: TestClient, caller: Cal
     assert_error(r, 403, "Access denied to specified organization_id")
     assert row_counts()["idempotency_keys"] == 0
     # after being granted access, the same request with the same key goes through
-    from tests.factories import add_member
+    from tests.support.factories import add_member
 
     add_member(org, caller.account_id)
     created = create(client, caller, body, headers={"Idempotency-Key": "k-3"})

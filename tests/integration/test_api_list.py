@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.factories import Caller, make_caller
 from tests.integration.conftest import assert_error, create, row_counts
+from tests.support.factories import Caller, make_caller
 
 
 def _list(client: TestClient, caller: Caller, **params: str) -> Any:

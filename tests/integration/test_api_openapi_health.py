@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.factories import Caller
+from tests.support.factories import Caller
 
 ROUTES = {
     "/api/sessions": {"post", "get"},

@@ -16,8 +16,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from tests.factories import Caller
 from tests.integration.conftest import create, sql
+from tests.support.factories import Caller
 from worker.celery_app import create_celery
 from worker.config import Settings
 from worker.db.engine import get_sessionmaker

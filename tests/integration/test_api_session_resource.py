@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.factories import Caller
 from tests.integration.conftest import assert_error, create, row_counts, sql, sql_exec
+from tests.support.factories import Caller
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Embedded PostgreSQL / Redis (worker.ops.embedded) and the test-server helpers (tests.servers)."""
+"""Embedded PostgreSQL / Redis (worker.ops.embedded) and the test-server helpers (tests.support.servers)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import psycopg
 import pytest
 import redis
 
-from tests.servers import (
+from tests.support.servers import (
     DEFAULT_POSTGRES_URL,
     DEFAULT_REDIS_URL,
     create_fresh_database,
@@ -184,7 +184,7 @@ def test_ensure_falls_back_to_embedded_servers(
 ) -> None:
     import shutil
 
-    import tests.servers as servers
+    import tests.support.servers as servers
 
     # pretend the machine servers are absent: defaults point at closed ports,
     # and neither pg_ctlcluster nor a system redis-server can be found

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from tests.factories import make_caller
+from tests.support.factories import make_caller
 from worker.celery_app import create_celery
 from worker.config import Settings, get_settings
 from worker.db.engine import get_sessionmaker

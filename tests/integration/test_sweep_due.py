@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects import postgresql
 
-from tests.factories import make_account
+from tests.support.factories import make_account
 from worker.celery_app import create_celery
 from worker.config import get_settings
 from worker.db.engine import get_sessionmaker

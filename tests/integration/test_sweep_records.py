@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import select, text
 
-from tests.factories import make_account
+from tests.support.factories import make_account
 from worker.celery_app import create_celery
 from worker.config import get_settings
 from worker.db.engine import get_sessionmaker

@@ -30,7 +30,7 @@ MACHINE_REDIS_LOG = Path("/var/log/redis/ci.log")
 
 
 def _say(message: str) -> None:
-    print(f"[tests.servers] {message}", file=sys.stderr, flush=True)
+    print(f"[tests.support.servers] {message}", file=sys.stderr, flush=True)
 
 
 def _conninfo(url: str) -> str:
