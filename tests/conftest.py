@@ -7,11 +7,15 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import text
 
 from tests.support import servers
+
+if TYPE_CHECKING:
+    from worker.services.lifecycle import LifecycleService
 
 # s3_server / s3_bucket: a real S3 API (moto in server mode) for any test that asks.
 pytest_plugins = ["tests.s3"]
@@ -120,3 +124,12 @@ def redis_client(server_urls: dict[str, str]) -> Iterator[object]:
     client.flushdb()
     yield client
     client.close()
+
+
+@pytest.fixture
+def svc(db_clean: dict[str, str], redis_client: object, tmp_path: Path) -> LifecycleService:
+    """The lifecycle service in-process on empty tables, with a data directory and a fault
+    plan file of the test's own (:func:`tests.support.lifecycle.service_settings`)."""
+    from tests.support.lifecycle import make_service, service_settings
+
+    return make_service(service_settings(tmp_path))

@@ -134,7 +134,3 @@ def create(client: TestClient, caller: Caller, body: Any = None, **kw: Any) -> d
 
 def new_uuid() -> str:
     return str(uuid.uuid4())
-
-
-# The in-process lifecycle service, for every integration module that drives runs.
-from tests.integration.test_lifecycle_service import svc  # noqa: E402, F401 -- fixture

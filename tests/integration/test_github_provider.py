@@ -14,12 +14,10 @@ import pytest
 from pydantic import SecretStr
 
 from tests.github_fake import FakeGitHubServer, start_fake_github
-
-# The service tests' session set-up and job runner, for the service-level test below.
-from tests.integration.test_lifecycle_service import _create, _drain, _history, _session
-from worker.celery_app import create_celery
-from worker.config import Settings, get_settings
-from worker.db.engine import get_sessionmaker
+from tests.support.drains import drain
+from tests.support.lifecycle import make_service, service_settings
+from tests.support.sessions import load_session, new_session, run_history
+from worker.config import Settings
 from worker.providers.base import (
     PermanentProviderError,
     ProviderError,
@@ -27,11 +25,9 @@ from worker.providers.base import (
     RepoInfo,
     TransientProviderError,
 )
-from worker.providers.broker import CeleryPublisher
 from worker.providers.git import run_git
 from worker.providers.github import GitHubRepoHost, derive_git_base_url
-from worker.providers.registry import build_providers, build_repo_host
-from worker.services.lifecycle import LifecycleService
+from worker.providers.registry import build_repo_host
 
 TOKEN = "fake-token-" + uuid.uuid4().hex  # matches none of the log redaction patterns
 ORG = "acme"
@@ -474,36 +470,28 @@ def test_unreadable_existing_repo_fails_the_provision_run_at_once(
 ) -> None:
     """The whole service: the provision run fails on its first attempt, not after the
     retries, and the session's lifecycleError says what to fix."""
-    settings = get_settings().model_copy(
-        update={
-            "data_dir": tmp_path,
-            "fault_plan": None,
-            "task_max_retries": 2,
-            "repo_host": "github",
-            "github_token": SecretStr(TOKEN),
-            "github_api_url": fake.api_url,
-            "github_git_url": None,
-        }
+    settings = service_settings(
+        tmp_path,
+        fault_plan=None,
+        repo_host="github",
+        github_token=SecretStr(TOKEN),
+        github_api_url=fake.api_url,
+        github_git_url=None,
     )
-    svc = LifecycleService(
-        settings,
-        get_sessionmaker(),
-        build_providers(settings),
-        CeleryPublisher(create_celery(settings)),
-    )
-    sid = _create(svc)
-    s = _session(svc, sid)
+    svc = make_service(settings)
+    sid = new_session(svc)
+    s = load_session(svc, sid)
     assert s.repo_owner and s.repo_name
     full_name = f"{s.repo_owner}/{s.repo_name}"
     fake.add_repo(s.repo_owner, s.repo_name, visible=False)
 
-    assert _drain(svc, sid) == ["failed"]
-    s = _session(svc, sid)
+    assert drain(svc, sid) == ["failed"]
+    s = load_session(svc, sid)
     assert s.lifecycle_state == "failed"
     assert s.lifecycle_error is not None
     _assert_asks_to_check_access(s.lifecycle_error, full_name)
     assert not s.lifecycle_error.startswith("gave up")
-    (provision,) = _history(svc, sid)
+    (provision,) = run_history(svc, sid)
     assert (provision.kind, provision.state, provision.attempts) == ("provision", "failed", 1)
     assert provision.error == s.lifecycle_error
     assert fake.stats()["repos_created"] == 0

@@ -3,14 +3,14 @@ checkpoint sweep (real PostgreSQL, real local providers, in-process service)."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import text
 
-from tests.integration.test_lifecycle_service import _create, _drain, _kick, _session
-from worker.db.models import LifecycleRunRecord, WorkerHostRecord
+from tests.support.drains import drain
+from tests.support.sessions import kick, load_session, new_session, run_history
+from worker.db.models import WorkerHostRecord
 from worker.domain.lifecycle import RunKind
 from worker.services import hosts, sweeps
 from worker.services.lifecycle import LifecycleService
@@ -32,24 +32,13 @@ def _beat_long_ago(svc: LifecycleService, seconds: int = 3600) -> None:
         )
 
 
-def _runs(svc: LifecycleService, sid: uuid.UUID) -> list[LifecycleRunRecord]:
-    with svc.factory() as db:
-        return list(
-            db.scalars(
-                select(LifecycleRunRecord)
-                .where(LifecycleRunRecord.session_id == sid)
-                .order_by(LifecycleRunRecord.created_at)
-            )
-        )
-
-
 def test_a_live_host_is_left_alone(svc: LifecycleService) -> None:
-    sid = _create(svc)
-    _drain(svc, sid)
+    sid = new_session(svc)
+    drain(svc, sid)
     with svc.factory.begin() as db:
         hosts.beat(db, _host_of(svc), svc.queue)
     assert hosts.recover_lost_hosts(svc) == {"lost": 0, "sessions": 0}
-    assert _session(svc, sid).lifecycle_state == "active"
+    assert load_session(svc, sid).lifecycle_state == "active"
 
 
 def test_a_lost_host_sets_its_sessions_back_to_their_checkpoint(
@@ -57,36 +46,36 @@ def test_a_lost_host_sets_its_sessions_back_to_their_checkpoint(
 ) -> None:
     # A store every host reads (as S3 is): the checkpoint can be restored elsewhere.
     monkeypatch.setattr(svc.providers.snapshots, "shared", True, raising=False)
-    checkpointed, bare = _create(svc), _create(svc)
+    checkpointed, bare = new_session(svc), new_session(svc)
     for sid in (checkpointed, bare):
-        assert _drain(svc, sid) == ["succeeded", "succeeded"]
-    work = Path(_session(svc, checkpointed).sandbox_state["workdir"])
+        assert drain(svc, sid) == ["succeeded", "succeeded"]
+    work = Path(load_session(svc, checkpointed).sandbox_state["workdir"])
     (work / "kept.txt").write_text("in the checkpoint\n")
-    _kick(svc, checkpointed, RunKind.SNAPSHOT)
-    assert _drain(svc, checkpointed) == ["succeeded"]
+    kick(svc, checkpointed, RunKind.SNAPSHOT)
+    assert drain(svc, checkpointed) == ["succeeded"]
     (work / "lost.txt").write_text("after the checkpoint\n")
     # A diff run was queued for the host when it died; a start kick waits behind it.
-    _kick(svc, checkpointed, RunKind.DIFF)
-    version_before = _session(svc, checkpointed).lifecycle_version
+    kick(svc, checkpointed, RunKind.DIFF)
+    version_before = load_session(svc, checkpointed).lifecycle_version
     _beat_long_ago(svc)
 
     assert hosts.recover_lost_hosts(svc) == {"lost": 1, "sessions": 2}
     assert hosts.recover_lost_hosts(svc) == {"lost": 0, "sessions": 0}  # once
 
-    s = _session(svc, checkpointed)
+    s = load_session(svc, checkpointed)
     assert s.lifecycle_state == "hibernated"
     assert s.lifecycle_version == version_before + 1
     assert s.lifecycle_run_id is None and "queue" not in s.sandbox_state
     assert _host_of(svc) in (s.lifecycle_error or "")
     assert "work done after that snapshot is gone" in (s.lifecycle_error or "")
-    history = _runs(svc, checkpointed)
+    history = run_history(svc, checkpointed)
     diff = next(r for r in history if r.kind == "diff")
     assert diff.state == "failed" and "lost" in (diff.error or "")
     recovery = history[-1]
     assert (recovery.trigger, recovery.state) == ("host-lost", "succeeded")
     assert (recovery.from_version, recovery.to_version) == (version_before, version_before + 1)
 
-    b = _session(svc, bare)
+    b = load_session(svc, bare)
     assert b.lifecycle_state == "failed" and "begin again from its branch" in (
         b.lifecycle_error or ""
     )
@@ -96,15 +85,15 @@ def test_a_lost_host_sets_its_sessions_back_to_their_checkpoint(
 
     # Resuming restores the checkpoint (on whichever host takes the start).
     svc.providers.sandbox.stop(s.sandbox_state["sandboxName"])  # the host's disk is gone
-    _kick(svc, checkpointed, RunKind.START)
-    assert _drain(svc, checkpointed) == ["succeeded"]
+    kick(svc, checkpointed, RunKind.START)
+    assert drain(svc, checkpointed) == ["succeeded"]
     assert (work / "kept.txt").read_text() == "in the checkpoint\n"
     assert not (work / "lost.txt").exists()
     # A failed session without a checkpoint starts again from its branch.
     svc.providers.sandbox.stop(b.sandbox_state["sandboxName"])
-    _kick(svc, bare, RunKind.START)
-    assert _drain(svc, bare) == ["succeeded"]
-    assert _session(svc, bare).lifecycle_state == "active"
+    kick(svc, bare, RunKind.START)
+    assert drain(svc, bare) == ["succeeded"]
+    assert load_session(svc, bare).lifecycle_state == "active"
     # The host beats again: alive.
     with svc.factory.begin() as db:
         hosts.beat(db, _host_of(svc), svc.queue)
@@ -114,21 +103,21 @@ def test_a_lost_host_sets_its_sessions_back_to_their_checkpoint(
 
 
 def test_snapshots_on_the_lost_hosts_own_disk_are_not_trusted(svc: LifecycleService) -> None:
-    sid = _create(svc)
-    _drain(svc, sid)
-    _kick(svc, sid, RunKind.SNAPSHOT)
-    _drain(svc, sid)
+    sid = new_session(svc)
+    drain(svc, sid)
+    kick(svc, sid, RunKind.SNAPSHOT)
+    drain(svc, sid)
     _beat_long_ago(svc)
     hosts.recover_lost_hosts(svc)
-    s = _session(svc, sid)
+    s = load_session(svc, sid)
     assert s.lifecycle_state == "failed" and s.snapshot_url is None
     assert "snapshot was on that host's disk" in (s.lifecycle_error or "")
 
 
 def test_checkpoints_follow_activity(svc: LifecycleService) -> None:
     svc.settings = svc.settings.model_copy(update={"checkpoint_interval_seconds": 1})
-    sid = _create(svc)
-    _drain(svc, sid)
+    sid = new_session(svc)
+    drain(svc, sid)
     with svc.factory.begin() as db:
         db.execute(
             text(
@@ -140,9 +129,9 @@ def test_checkpoints_follow_activity(svc: LifecycleService) -> None:
         )
     assert sweeps.checkpoint_active(svc) == {"queued": 1}
     assert sweeps.checkpoint_active(svc) == {"queued": 0}  # its run is open
-    assert _drain(svc, sid) == ["succeeded"]
-    assert _runs(svc, sid)[-1].trigger == "checkpoint"
-    assert _session(svc, sid).snapshot_url
+    assert drain(svc, sid) == ["succeeded"]
+    assert run_history(svc, sid)[-1].trigger == "checkpoint"
+    assert load_session(svc, sid).snapshot_url
     # No activity since: nothing to checkpoint.
     assert sweeps.checkpoint_active(svc) == {"queued": 0}
     svc.settings = svc.settings.model_copy(update={"checkpoint_interval_seconds": 0})

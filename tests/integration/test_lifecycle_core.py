@@ -17,77 +17,16 @@ from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
-# The same session set-up and job lookup as the service tests.
-from tests.integration.test_lifecycle_service import _create
-from tests.integration.test_lifecycle_service import _next_job as _queued
-from worker.celery_app import create_celery
-from worker.config import get_settings
+from tests.support.drains import deliver, drain, next_job
+from tests.support.lifecycle import make_service, service_settings
+from tests.support.sessions import load_run, load_session, new_session, run_history
 from worker.db import connection
-from worker.db.engine import get_engine, get_sessionmaker
+from worker.db.engine import get_engine
 from worker.db.models import ChatRecord, LifecycleRunRecord, OutboxRecord, SessionRecord
 from worker.domain.lifecycle import RunKind
-from worker.providers.broker import CeleryPublisher
-from worker.providers.registry import build_providers
 from worker.services import lifecycle
 from worker.services.lifecycle import LifecycleService
 from worker.task_names import DEFAULT_QUEUE
-
-
-def _service(tmp_path: Path, factory: Any = None) -> LifecycleService:
-    settings = get_settings().model_copy(
-        update={"data_dir": tmp_path, "fault_plan": tmp_path / "faults.json", "task_max_retries": 2}
-    )
-    return LifecycleService(
-        settings,
-        factory or get_sessionmaker(),
-        build_providers(settings),
-        CeleryPublisher(create_celery(settings)),
-    )
-
-
-@pytest.fixture
-def svc(db_clean: dict[str, str], redis_client: Any, tmp_path: Path) -> LifecycleService:
-    return _service(tmp_path)
-
-
-def _deliver(svc: LifecycleService, job: dict[str, Any]) -> lifecycle.Outcome:
-    job = dict(job)
-    return svc.execute(job.pop("kind"), **job)
-
-
-def _drain(svc: LifecycleService, sid: uuid.UUID) -> list[str]:
-    out = []
-    for _ in range(20):
-        job = _queued(svc, sid)
-        if job is None:
-            break
-        out.append(_deliver(svc, job).status)
-    return out
-
-
-def _session(svc: LifecycleService, sid: uuid.UUID) -> SessionRecord:
-    with svc.factory() as db:
-        s = db.get(SessionRecord, sid)
-        assert s is not None
-        return s
-
-
-def _run(svc: LifecycleService, rid: str | uuid.UUID) -> LifecycleRunRecord:
-    with svc.factory() as db:
-        run = db.get(LifecycleRunRecord, uuid.UUID(str(rid)))
-        assert run is not None
-        return run
-
-
-def _runs(svc: LifecycleService, sid: uuid.UUID) -> list[LifecycleRunRecord]:
-    with svc.factory() as db:
-        return list(
-            db.scalars(
-                select(LifecycleRunRecord)
-                .where(LifecycleRunRecord.session_id == sid)
-                .order_by(LifecycleRunRecord.created_at, LifecycleRunRecord.id)
-            )
-        )
 
 
 def _snapshot_of_tables(svc: LifecycleService) -> list[Any]:
@@ -124,15 +63,15 @@ def _add_run(
 def test_a_provision_bumps_the_version_by_one_and_chains_a_published_start(
     svc: LifecycleService,
 ) -> None:
-    sid = _create(svc)
-    job = _queued(svc, sid)
+    sid = new_session(svc)
+    job = next_job(svc, sid)
     assert job is not None and job["version"] == 0
-    out = _deliver(svc, job)
+    out = deliver(svc, job)
     assert (out.status, out.from_version, out.to_version) == ("succeeded", 0, 1)
-    s = _session(svc, sid)
+    s = load_session(svc, sid)
     assert s.lifecycle_version == 1 and s.lifecycle_run_id is None and s.lease_expires_at is None
     assert s.provisioned_at is not None and s.lifecycle_state == "provisioning"
-    provision, start = _runs(svc, sid)
+    provision, start = run_history(svc, sid)
     assert (provision.kind, provision.state, provision.attempts) == ("provision", "succeeded", 1)
     assert (provision.from_version, provision.to_version) == (0, 1)
     assert provision.started_at is not None and provision.finished_at is not None
@@ -155,24 +94,24 @@ def test_a_provision_bumps_the_version_by_one_and_chains_a_published_start(
     assert [j[0] for j in out.jobs] == [record.id]
     assert record.published_at is not None and record.claimed_until is None
 
-    out = _deliver(svc, _queued(svc, sid) or {})
+    out = deliver(svc, next_job(svc, sid) or {})
     assert (out.status, out.from_version, out.to_version) == ("succeeded", 1, 2)
-    s = _session(svc, sid)
+    s = load_session(svc, sid)
     assert s.lifecycle_state == "active" and s.lifecycle_version == 2
     assert s.sandbox_state["queue"] == svc.queue and s.hibernate_after is not None
 
 
 def test_a_record_queues_the_oldest_pending_run_with_its_job(svc: LifecycleService) -> None:
-    sid = _create(svc)
-    _drain(svc, sid)
+    sid = new_session(svc)
+    drain(svc, sid)
     job = _kick_hibernate(svc, sid)
     # Two kicks arrived while the hibernate ran (pending behind it), oldest first.
     first = _add_run(svc, sid, RunKind.SNAPSHOT, "pending", None)
     second = _add_run(svc, sid, RunKind.DIFF, "pending", None)
-    out = _deliver(svc, job)
+    out = deliver(svc, job)
     assert (out.status, out.to_version) == ("succeeded", 3)
-    assert _run(svc, first).state == "queued" and _run(svc, first).issued_version == 3
-    assert _run(svc, second).state == "pending"
+    assert load_run(svc, first).state == "queued" and load_run(svc, first).issued_version == 3
+    assert load_run(svc, second).state == "pending"
     (row,) = out.jobs
     with svc.factory() as db:
         record = db.get(OutboxRecord, row[0])
@@ -191,22 +130,22 @@ def _kick_hibernate(svc: LifecycleService, sid: uuid.UUID) -> dict[str, Any]:
         assert s is not None
         kicked = runs.kick(db, s, RunKind.HIBERNATE, "api")
     svc._publish(kicked.outbox)
-    job = _queued(svc, sid)
+    job = next_job(svc, sid)
     assert job is not None and job["kind"] is RunKind.HIBERNATE
     return job
 
 
 def test_a_hibernate_checkpoints_the_snapshot_before_stopping(svc: LifecycleService) -> None:
-    sid = _create(svc)
-    _drain(svc, sid)
+    sid = new_session(svc)
+    drain(svc, sid)
     job = _kick_hibernate(svc, sid)
     assert svc.settings.fault_plan is not None
     svc.settings.fault_plan.write_text(
         json.dumps({"sandbox.stop": [{"error": "permanent", "message": "stop refused"}]})
     )
-    out = _deliver(svc, job)
+    out = deliver(svc, job)
     assert out.status == "failed" and out.reason == "stop refused"
-    s = _session(svc, sid)
+    s = load_session(svc, sid)
     # The work was saved (and recorded) before the stop was tried.
     assert s.snapshot_url and s.snapshot_created_at and s.cached_diff is not None
     assert Path(s.snapshot_url.removeprefix("file://")).exists()
@@ -218,8 +157,8 @@ def test_a_hibernate_checkpoints_the_snapshot_before_stopping(svc: LifecycleServ
 def test_a_lease_lost_before_recording_abandons_the_run_and_records_nothing(
     svc: LifecycleService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sid = _create(svc)
-    job = _queued(svc, sid)
+    sid = new_session(svc)
+    job = next_job(svc, sid)
     assert job is not None
     work = svc._work
 
@@ -234,35 +173,35 @@ def test_a_lease_lost_before_recording_abandons_the_run_and_records_nothing(
         return changes
 
     monkeypatch.setattr(svc, "_work", work_then_lose_the_lease)
-    before = len(_runs(svc, sid))
-    out = _deliver(svc, job)
+    before = len(run_history(svc, sid))
+    out = deliver(svc, job)
     assert (out.status, out.reason, out.jobs) == ("skipped", "lease lost before recording", [])
-    s = _session(svc, sid)
+    s = load_session(svc, sid)
     assert s.lifecycle_version == 0 and s.provisioned_at is None  # nothing recorded
-    run = _run(svc, job["run_id"])
+    run = load_run(svc, job["run_id"])
     assert (run.state, run.error, run.to_version) == (
         "abandoned",
         "lease lost before recording",
         None,
     )
-    assert len(_runs(svc, sid)) == before  # no chained start
+    assert len(run_history(svc, sid)) == before  # no chained start
 
 
 def test_a_duplicate_delivery_of_a_finished_run_changes_nothing(svc: LifecycleService) -> None:
-    sid = _create(svc)
-    job = _queued(svc, sid)
+    sid = new_session(svc)
+    job = next_job(svc, sid)
     assert job is not None
-    assert _drain(svc, sid) == ["succeeded", "succeeded"]
+    assert drain(svc, sid) == ["succeeded", "succeeded"]
     before = _snapshot_of_tables(svc)
-    out = _deliver(svc, job)
+    out = deliver(svc, job)
     assert (out.status, out.reason) == ("skipped", "duplicate delivery")
     assert _snapshot_of_tables(svc) == before
 
 
 def test_a_delivery_for_an_unknown_run_changes_nothing(svc: LifecycleService) -> None:
-    sid = _create(svc)
+    sid = new_session(svc)
     before = _snapshot_of_tables(svc)
-    out = _deliver(
+    out = deliver(
         svc,
         {"kind": RunKind.START, "session_id": str(sid), "run_id": str(uuid.uuid4()), "version": 0},
     )
@@ -273,8 +212,8 @@ def test_a_delivery_for_an_unknown_run_changes_nothing(svc: LifecycleService) ->
 def test_a_run_held_back_by_another_runs_live_lease_is_left_queued(
     svc: LifecycleService,
 ) -> None:
-    sid = _create(svc)
-    job = _queued(svc, sid)
+    sid = new_session(svc)
+    job = next_job(svc, sid)
     assert job is not None
     other = uuid.uuid4()
     with svc.factory.begin() as db:
@@ -284,27 +223,27 @@ def test_a_run_held_back_by_another_runs_live_lease_is_left_queued(
             .values(lifecycle_run_id=other, lease_expires_at=datetime.now(UTC) + timedelta(hours=1))
         )
     before = _snapshot_of_tables(svc)
-    out = _deliver(svc, job)
+    out = deliver(svc, job)
     assert (out.status, out.reason) == ("skipped", "duplicate delivery")
     assert _snapshot_of_tables(svc) == before
-    assert _run(svc, job["run_id"]).state == "queued"
+    assert load_run(svc, job["run_id"]).state == "queued"
 
 
 def test_a_stale_delivery_is_recorded_skipped_and_the_pending_run_goes_next(
     svc: LifecycleService,
 ) -> None:
-    sid = _create(svc)
-    _drain(svc, sid)  # active, version 2
+    sid = new_session(svc)
+    drain(svc, sid)  # active, version 2
     job = _kick_hibernate(svc, sid)
     pending = _add_run(svc, sid, RunKind.SNAPSHOT, "pending", None)
-    out = _deliver(svc, {**job, "version": 1})
+    out = deliver(svc, {**job, "version": 1})
     assert out.status == "skipped"
     assert out.reason == "stale: issued against version 1, session is at 2"
-    run = _run(svc, job["run_id"])
+    run = load_run(svc, job["run_id"])
     assert (run.state, run.error, run.to_version) == ("skipped", out.reason, None)
-    s = _session(svc, sid)
+    s = load_session(svc, sid)
     assert (s.lifecycle_version, s.lifecycle_state, s.lifecycle_run_id) == (2, "active", None)
-    queued = _run(svc, pending)
+    queued = load_run(svc, pending)
     assert (queued.state, queued.issued_version) == ("queued", 2)
 
 
@@ -313,14 +252,14 @@ def test_hibernation_waits_for_a_stream_and_a_sweeps_run_for_the_due_time(
 ) -> None:
     from worker.services import runs
 
-    sid = _create(svc)
-    _drain(svc, sid)
+    sid = new_session(svc)
+    drain(svc, sid)
     with svc.factory.begin() as db:
         db.execute(
             update(ChatRecord).where(ChatRecord.session_id == sid).values(active_stream_id="s")
         )
     job = _kick_hibernate(svc, sid)
-    out = _deliver(svc, job)
+    out = deliver(svc, job)
     assert (out.status, out.reason) == ("skipped", "a chat has an active stream")
     with svc.factory.begin() as db:
         db.execute(
@@ -331,11 +270,11 @@ def test_hibernation_waits_for_a_stream_and_a_sweeps_run_for_the_due_time(
         s = db.get(SessionRecord, sid, with_for_update=True)
         assert s is not None
         kicked = runs.kick(db, s, RunKind.HIBERNATE, "sweep")
-    job = _queued(svc, sid)
+    job = next_job(svc, sid)
     assert job is not None and job["run_id"] == str(kicked.run.id)
-    out = _deliver(svc, job)
+    out = deliver(svc, job)
     assert (out.status, out.reason) == ("skipped", "not due or a chat has an active stream")
-    assert _session(svc, sid).lifecycle_state == "active"
+    assert load_session(svc, sid).lifecycle_state == "active"
     # Once due, the same kind of run goes.
     with svc.factory.begin() as db:
         db.execute(
@@ -346,8 +285,8 @@ def test_hibernation_waits_for_a_stream_and_a_sweeps_run_for_the_due_time(
         s = db.get(SessionRecord, sid, with_for_update=True)
         assert s is not None
         runs.kick(db, s, RunKind.HIBERNATE, "sweep")
-    assert _drain(svc, sid) == ["succeeded"]
-    assert _session(svc, sid).lifecycle_state == "hibernated"
+    assert drain(svc, sid) == ["succeeded"]
+    assert load_session(svc, sid).lifecycle_state == "hibernated"
 
 
 def test_a_transient_failure_releases_the_lease_and_keeps_the_run_queued(
@@ -357,22 +296,22 @@ def test_a_transient_failure_releases_the_lease_and_keeps_the_run_queued(
     svc.settings.fault_plan.write_text(
         json.dumps({"repo_host.ensure_repo": [{"error": "transient", "message": "503"}]})
     )
-    sid = _create(svc)
-    job = _queued(svc, sid)
+    sid = new_session(svc)
+    job = next_job(svc, sid)
     assert job is not None
-    out = _deliver(svc, job)
+    out = deliver(svc, job)
     assert out.status == "retry" and out.retry_in is not None and out.reason == "503"
-    s = _session(svc, sid)
+    s = load_session(svc, sid)
     assert (s.lifecycle_run_id, s.lifecycle_version, s.lifecycle_state) == (
         None,
         0,
         "provisioning",
     )
-    run = _run(svc, job["run_id"])
+    run = load_run(svc, job["run_id"])
     assert (run.state, run.attempts, run.error) == ("queued", 1, "503")
     # The retry (the same delivery again) claims it afresh and succeeds.
-    out = _deliver(svc, job)
-    assert out.status == "succeeded" and _run(svc, job["run_id"]).attempts == 2
+    out = deliver(svc, job)
+    assert out.status == "succeeded" and load_run(svc, job["run_id"]).attempts == 2
 
 
 # ----------------------------------------------------------------- the connection
@@ -380,22 +319,22 @@ def test_a_connection_broken_between_deliveries_fails_one_with_a_database_error(
     svc: LifecycleService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(lifecycle, "CONNECTION_REUSE_SECONDS", 3600.0)  # always kept
-    sid = _create(svc)
-    job = _queued(svc, sid)
+    sid = new_session(svc)
+    job = next_job(svc, sid)
     assert job is not None
-    assert _deliver(svc, job).status == "succeeded"
+    assert deliver(svc, job).status == "succeeded"
     spare = svc._spare
     assert spare is not None and spare._pg is not None
     with get_engine().begin() as conn:  # the server drops the worker's connection
         conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": spare._pg.info.backend_pid})
-    start = _queued(svc, sid)
+    start = next_job(svc, sid)
     assert start is not None
     # Raised as SQLAlchemy's OperationalError: the task retries the delivery later.
     with pytest.raises(OperationalError):
-        _deliver(svc, start)
-    assert _run(svc, start["run_id"]).state == "queued"
-    assert _deliver(svc, start).status == "succeeded"
-    assert _session(svc, sid).lifecycle_state == "active"
+        deliver(svc, start)
+    assert load_run(svc, start["run_id"]).state == "queued"
+    assert deliver(svc, start).status == "succeeded"
+    assert load_session(svc, sid).lifecycle_state == "active"
 
 
 def test_connections_go_back_to_the_pool_transactional(
@@ -404,15 +343,17 @@ def test_connections_go_back_to_the_pool_transactional(
     # One pooled connection only, so the one the service used is the one handed out next.
     engine = create_engine(db_clean["database_url"], pool_size=1, max_overflow=0)
     try:
-        svc = _service(tmp_path, sessionmaker(engine, expire_on_commit=False))
+        svc = make_service(
+            service_settings(tmp_path), factory=sessionmaker(engine, expire_on_commit=False)
+        )
         monkeypatch.setattr(connection, "CONNECTION_REUSE_SECONDS", -1.0)  # never kept
-        sid = _create(svc)
-        assert _drain(svc, sid) == ["succeeded", "succeeded"]
+        sid = new_session(svc)
+        assert drain(svc, sid) == ["succeeded", "succeeded"]
         assert svc._spare is None
         with engine.connect() as conn:
             assert conn.connection.driver_connection.autocommit is False
             conn.execute(text("UPDATE sessions SET title = 'x' WHERE id = :id"), {"id": sid})
             conn.rollback()  # a transaction, not autocommitted
-        assert _session(svc, sid).title != "x"
+        assert load_session(svc, sid).title != "x"
     finally:
         engine.dispose()

@@ -7,149 +7,57 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
-from tests.support.factories import make_caller
-from worker.celery_app import create_celery
-from worker.config import Settings, get_settings
-from worker.db.engine import get_sessionmaker
+from tests.support.drains import drain, next_job
+from tests.support.sessions import kick, load_session, new_session, run_history
+from worker.config import Settings
 from worker.db.models import LifecycleRunRecord, OutboxRecord, SessionRecord
 from worker.domain.lifecycle import RunKind
-from worker.providers.broker import CeleryPublisher
-from worker.providers.registry import build_providers
-from worker.services import runs, sessions, sweeps
+from worker.services import sessions, sweeps
 from worker.services.lifecycle import LifecycleService
 
 
-@pytest.fixture
-def svc(db_clean: dict[str, str], redis_client: Any, tmp_path: Path) -> LifecycleService:
-    settings = get_settings().model_copy(
-        update={"data_dir": tmp_path, "fault_plan": tmp_path / "faults.json", "task_max_retries": 2}
-    )
-    return LifecycleService(
-        settings,
-        get_sessionmaker(),
-        build_providers(settings),
-        CeleryPublisher(create_celery(settings)),
-    )
-
-
-def _create(svc: LifecycleService) -> uuid.UUID:
-    caller = make_caller()
-    with svc.factory.begin() as db:
-        created = sessions.create_session(
-            db,
-            svc.settings,
-            caller.account_id,
-            sessions.CreateSession(),
-            clone_url="x",
-            sandbox_type="local",
-        )
-        owner, name = created.session.repo_owner, created.session.repo_name
-        assert owner and name
-        db.execute(
-            update(SessionRecord)
-            .where(SessionRecord.id == created.session.id)
-            .values(clone_url=svc.providers.repo_host.clone_url(owner, name))
-        )
-        return created.session.id
-
-
-def _next_job(svc: LifecycleService, sid: uuid.UUID) -> dict[str, Any] | None:
-    """The newest queued run's job for the session, as a worker would receive it."""
-    with svc.factory() as db:
-        run = db.scalars(
-            select(LifecycleRunRecord)
-            .where(LifecycleRunRecord.session_id == sid, LifecycleRunRecord.state == "queued")
-            .order_by(LifecycleRunRecord.created_at.desc())
-        ).first()
-        if run is None:
-            return None
-        return {
-            "kind": RunKind(run.kind),
-            "session_id": str(sid),
-            "run_id": str(run.id),
-            "version": run.issued_version,
-        }
-
-
-def _drain(svc: LifecycleService, sid: uuid.UUID, limit: int = 20) -> list[str]:
-    outcomes = []
-    for _ in range(limit):
-        job = _next_job(svc, sid)
-        if job is None:
-            break
-        out = svc.execute(job.pop("kind"), **job)
-        outcomes.append(out.status)
-    return outcomes
-
-
-def _session(svc: LifecycleService, sid: uuid.UUID) -> SessionRecord:
-    with svc.factory() as db:
-        s = db.get(SessionRecord, sid)
-        assert s is not None
-        return s
-
-
-def _kick(svc: LifecycleService, sid: uuid.UUID, kind: RunKind) -> runs.KickResult:
-    with svc.factory.begin() as db:
-        s = db.get(SessionRecord, sid, with_for_update=True)
-        assert s is not None
-        return runs.kick(db, s, kind, "test")
-
-
-def _history(svc: LifecycleService, sid: uuid.UUID) -> list[LifecycleRunRecord]:
-    with svc.factory() as db:
-        return list(
-            db.scalars(
-                select(LifecycleRunRecord)
-                .where(LifecycleRunRecord.session_id == sid)
-                .order_by(LifecycleRunRecord.created_at)
-            )
-        )
-
-
 def test_kicks_during_a_run_wait_their_turn(svc: LifecycleService) -> None:
-    sid = _create(svc)
-    hib = _kick(svc, sid, RunKind.HIBERNATE)  # provisioning is open: pending
+    sid = new_session(svc)
+    hib = kick(svc, sid, RunKind.HIBERNATE)  # provisioning is open: pending
     assert hib.created and hib.run.state == "pending" and not hib.outbox
-    again = _kick(svc, sid, RunKind.HIBERNATE)  # the same kick coalesces
+    again = kick(svc, sid, RunKind.HIBERNATE)  # the same kick coalesces
     assert not again.created and again.run.id == hib.run.id
-    assert _drain(svc, sid) == [
+    assert drain(svc, sid) == [
         "succeeded",
         "succeeded",
         "succeeded",
     ]  # provision, start, hibernate
-    s = _session(svc, sid)
+    s = load_session(svc, sid)
     assert s.lifecycle_state == "hibernated" and s.lifecycle_version == 3
     # History in creation order: the hibernate kick was recorded before the chained start.
-    assert [r.kind for r in _history(svc, sid)] == ["provision", "hibernate", "start"]
-    finished = {r.kind: r for r in _history(svc, sid)}
+    assert [r.kind for r in run_history(svc, sid)] == ["provision", "hibernate", "start"]
+    finished = {r.kind: r for r in run_history(svc, sid)}
     assert finished["hibernate"].from_version == 2 and finished["hibernate"].to_version == 3
 
 
 def test_hibernate_waits_for_an_active_stream_to_end(svc: LifecycleService) -> None:
     from worker.db.models import ChatRecord
 
-    sid = _create(svc)
-    _drain(svc, sid)
+    sid = new_session(svc)
+    drain(svc, sid)
     with svc.factory.begin() as db:
         db.execute(
             update(ChatRecord).where(ChatRecord.session_id == sid).values(active_stream_id="s1")
         )
-    _kick(svc, sid, RunKind.HIBERNATE)
-    assert _drain(svc, sid) == ["skipped"]
-    assert _session(svc, sid).lifecycle_state == "active"
-    assert _history(svc, sid)[-1].error == "a chat has an active stream"
+    kick(svc, sid, RunKind.HIBERNATE)
+    assert drain(svc, sid) == ["skipped"]
+    assert load_session(svc, sid).lifecycle_state == "active"
+    assert run_history(svc, sid)[-1].error == "a chat has an active stream"
 
 
 def test_archive_then_unarchive_then_resume(svc: LifecycleService) -> None:
-    sid = _create(svc)
-    _drain(svc, sid)
-    workdir = Path(_session(svc, sid).sandbox_state["workdir"])
+    sid = new_session(svc)
+    drain(svc, sid)
+    workdir = Path(load_session(svc, sid).sandbox_state["workdir"])
     (workdir / "keep.txt").write_text("precious\n")
     with svc.factory.begin() as db:
         s = db.get(SessionRecord, sid, with_for_update=True)
@@ -157,8 +65,8 @@ def test_archive_then_unarchive_then_resume(svc: LifecycleService) -> None:
         sessions.patch_session(
             db, svc.settings, s, sessions.SessionPatch(status=sessions.SessionStatus.ARCHIVED)
         )
-    assert _drain(svc, sid) == ["succeeded"]
-    s = _session(svc, sid)
+    assert drain(svc, sid) == ["succeeded"]
+    s = load_session(svc, sid)
     assert s.lifecycle_state == "archived" and s.snapshot_url and not workdir.exists()
     with svc.factory.begin() as db:
         s = db.get(SessionRecord, sid, with_for_update=True)
@@ -166,15 +74,15 @@ def test_archive_then_unarchive_then_resume(svc: LifecycleService) -> None:
         sessions.patch_session(
             db, svc.settings, s, sessions.SessionPatch(status=sessions.SessionStatus.RUNNING)
         )
-    assert _session(svc, sid).lifecycle_state == "hibernated"
-    _kick(svc, sid, RunKind.START)
-    assert _drain(svc, sid) == ["succeeded"]
+    assert load_session(svc, sid).lifecycle_state == "hibernated"
+    kick(svc, sid, RunKind.START)
+    assert drain(svc, sid) == ["succeeded"]
     assert (workdir / "keep.txt").read_text() == "precious\n"
 
 
 def test_reaper_abandons_an_expired_lease_and_drives_again(svc: LifecycleService) -> None:
-    sid = _create(svc)
-    job = _next_job(svc, sid)
+    sid = new_session(svc)
+    job = next_job(svc, sid)
     assert job is not None
     # A worker claimed the provision run and died: its lease is left, already expired.
     with svc.factory.begin() as db:
@@ -194,15 +102,15 @@ def test_reaper_abandons_an_expired_lease_and_drives_again(svc: LifecycleService
     assert sweeps.reap_runs(svc) == {"reaped": 1, "republished": 0, "dispatched": 0}
     # The dead worker's message, redelivered late, does nothing.
     assert svc.execute(job.pop("kind"), **job).status == "skipped"
-    assert _drain(svc, sid) == ["succeeded", "succeeded"]
-    states = [(r.kind, r.state, r.trigger) for r in _history(svc, sid)]
+    assert drain(svc, sid) == ["succeeded", "succeeded"]
+    states = [(r.kind, r.state, r.trigger) for r in run_history(svc, sid)]
     assert states[0] == ("provision", "abandoned", "create")
     assert ("provision", "succeeded", "reaper") in states
-    assert _session(svc, sid).lifecycle_state == "active"
+    assert load_session(svc, sid).lifecycle_state == "active"
 
 
 def test_reaper_republishes_a_queued_run_whose_message_was_lost(svc: LifecycleService) -> None:
-    sid = _create(svc)
+    sid = new_session(svc)
     with svc.factory.begin() as db:
         db.execute(
             update(LifecycleRunRecord)
@@ -228,40 +136,40 @@ def test_transient_errors_retry_then_fail_permanently_after_the_limit(
             {"repo_host.ensure_repo": [{"error": "transient", "message": "upstream 503"}] * 5}
         )
     )
-    sid = _create(svc)
-    outcomes = _drain(svc, sid)
+    sid = new_session(svc)
+    outcomes = drain(svc, sid)
     assert outcomes == ["retry", "retry", "failed"]
-    s = _session(svc, sid)
+    s = load_session(svc, sid)
     assert s.lifecycle_state == "failed"
     assert s.lifecycle_error == "gave up after 3 attempts: upstream 503"
-    assert _history(svc, sid)[0].attempts == 3
+    assert run_history(svc, sid)[0].attempts == 3
 
 
 def test_expire_snapshots_deletes_old_archives_only(svc: LifecycleService) -> None:
-    old, recent = _create(svc), _create(svc)
+    old, recent = new_session(svc), new_session(svc)
     for sid in (old, recent):
-        _drain(svc, sid)
+        drain(svc, sid)
         with svc.factory.begin() as db:
             s = db.get(SessionRecord, sid, with_for_update=True)
             assert s is not None
             sessions.patch_session(
                 db, svc.settings, s, sessions.SessionPatch(status=sessions.SessionStatus.ARCHIVED)
             )
-        _drain(svc, sid)
+        drain(svc, sid)
     with svc.factory.begin() as db:
         db.execute(
             update(SessionRecord)
             .where(SessionRecord.id == old)
             .values(archived_at=datetime.now(UTC) - timedelta(days=31))
         )
-    old_url = _session(svc, old).snapshot_url
+    old_url = load_session(svc, old).snapshot_url
     assert old_url and Path(old_url.removeprefix("file://")).exists()
     assert sweeps.expire_snapshots(svc) == {"deleted": 1}
     assert (
-        _session(svc, old).snapshot_url is None
+        load_session(svc, old).snapshot_url is None
         and not Path(old_url.removeprefix("file://")).exists()
     )
-    assert _session(svc, recent).snapshot_url is not None
+    assert load_session(svc, recent).snapshot_url is not None
 
 
 def test_settings_are_validated() -> None:

@@ -11,24 +11,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects import postgresql
 
 from tests.support.factories import make_account
-from worker.celery_app import create_celery
+from tests.support.lifecycle import make_service
 from worker.config import get_settings
 from worker.db.engine import get_sessionmaker
 from worker.db.models import LifecycleRunRecord
-from worker.providers.broker import CeleryPublisher
-from worker.providers.registry import build_providers
-from worker.services.lifecycle import LifecycleService
 from worker.services.sweeps import due_candidates_query, hibernate_idle
-
-
-def _service() -> LifecycleService:
-    settings = get_settings()
-    return LifecycleService(
-        settings,
-        get_sessionmaker(),
-        build_providers(settings),
-        CeleryPublisher(create_celery(settings)),
-    )
 
 
 def _seed(total: int, due: int) -> set[uuid.UUID]:
@@ -91,14 +78,14 @@ def test_one_sweep_takes_the_due_sessions_and_no_others(
 ) -> None:
     due = _seed(10_000, 100)
     assert len(due) == 100
-    result = hibernate_idle(_service())
+    result = hibernate_idle(make_service())
     assert result == {"queued": 100}
     runs = _hibernate_runs()
     assert {r.session_id for r in runs} == due
     assert {r.trigger for r in runs} == {"sweep"}
     assert redis_client.llen("lifecycle") == 100  # type: ignore[attr-defined]
     # Nothing more is due while those runs are open.
-    assert hibernate_idle(_service()) == {"queued": 0}
+    assert hibernate_idle(make_service()) == {"queued": 0}
     assert len(_hibernate_runs()) == 100
 
 
@@ -121,7 +108,7 @@ def test_two_sweeps_at_once_queue_each_session_once(
     barrier = threading.Barrier(2)
 
     def sweep() -> None:
-        svc = _service()
+        svc = make_service()
         barrier.wait()
         results.append(hibernate_idle(svc))
 
@@ -158,7 +145,7 @@ def test_the_sweep_skips_live_stream_claims_and_takes_expired_ones(
                 {"sid": sid},
             )
     # A claim never released expires: the session is taken. Live claims keep theirs.
-    assert hibernate_idle(_service()) == {"queued": 1}
+    assert hibernate_idle(make_service()) == {"queued": 1}
     assert {r.session_id for r in _hibernate_runs()} == {expired}
     # The claim that kept its heartbeat stops doing so: it expires, and the next sweep
     # takes that session too.
@@ -170,5 +157,5 @@ def test_the_sweep_skips_live_stream_claims_and_takes_expired_ones(
             ),
             {"sid": renewed},
         )
-    assert hibernate_idle(_service()) == {"queued": 1}
+    assert hibernate_idle(make_service()) == {"queued": 1}
     assert {r.session_id for r in _hibernate_runs()} == {expired, renewed}

@@ -13,28 +13,14 @@ from typing import Any
 from sqlalchemy import select, text
 
 from tests.support.factories import make_account
-from worker.celery_app import create_celery
-from worker.config import get_settings
+from tests.support.lifecycle import make_service
 from worker.db.engine import get_sessionmaker
 from worker.db.models import LifecycleRunRecord, OutboxRecord
-from worker.providers.broker import CeleryPublisher
-from worker.providers.registry import build_providers
 from worker.services import outbox
-from worker.services.lifecycle import LifecycleService
 from worker.services.sweeps import hibernate_idle
 from worker.task_names import DEFAULT_QUEUE, TASK_HIBERNATE
 
 HOST_QUEUE = "lifecycle.host.sweep-test"
-
-
-def _service(*, publish: bool) -> LifecycleService:
-    settings = get_settings()
-    return LifecycleService(
-        settings,
-        get_sessionmaker(),
-        build_providers(settings),
-        CeleryPublisher(create_celery(settings)) if publish else None,
-    )
 
 
 def _seed() -> dict[uuid.UUID, tuple[int, str]]:
@@ -110,7 +96,7 @@ def _check_records(due: dict[uuid.UUID, tuple[int, str]]) -> list[OutboxRecord]:
 
 def test_without_a_publisher_the_jobs_stay_claimed_for_the_relay(db_clean: dict[str, str]) -> None:
     due = _seed()
-    assert hibernate_idle(_service(publish=False)) == {"queued": 3}
+    assert hibernate_idle(make_service(publish=False)) == {"queued": 3}
     for job in _check_records(due):
         assert job.published_at is None
         assert job.claimed_until is not None
@@ -121,7 +107,7 @@ def test_the_jobs_are_published_to_their_queues_and_marked(
     db_clean: dict[str, str], redis_client: Any
 ) -> None:
     due = _seed()
-    assert hibernate_idle(_service(publish=True)) == {"queued": 3}
+    assert hibernate_idle(make_service(publish=True)) == {"queued": 3}
     jobs = _check_records(due)
     for job in jobs:
         assert job.published_at is not None and job.claimed_until is None

@@ -10,8 +10,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.integration.test_lifecycle_service import _create, _drain, _kick, _session
 from tests.security.test_sandbox_git import CONFIG_KEYS, _plant_config, plant_hooks
+from tests.support.drains import drain
+from tests.support.sessions import kick, load_session, new_session
 from worker.db.models import SessionRecord
 from worker.domain.lifecycle import RunKind, SessionStatus
 from worker.providers.git import run_git
@@ -29,17 +30,17 @@ def _plant_everything(work: Path, marker: Path) -> None:
 
 def test_no_run_kind_executes_sandbox_content(svc: LifecycleService, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
-    sid = _create(svc)
-    assert _drain(svc, sid) == ["succeeded", "succeeded"]  # provision, start
-    work = Path(_session(svc, sid).sandbox_state["workdir"])
+    sid = new_session(svc)
+    assert drain(svc, sid) == ["succeeded", "succeeded"]  # provision, start
+    work = Path(load_session(svc, sid).sandbox_state["workdir"])
     (work / "new.txt").write_text("agent work\n")
     _plant_everything(work, marker)
 
     for kind in (RunKind.DIFF, RunKind.SNAPSHOT, RunKind.HIBERNATE, RunKind.START, RunKind.DIFF):
-        _kick(svc, sid, kind)
-        assert _drain(svc, sid) == ["succeeded"], kind
+        kick(svc, sid, kind)
+        assert drain(svc, sid) == ["succeeded"], kind
         assert not marker.exists(), (kind, marker.read_text()[:2000])
-    s = _session(svc, sid)
+    s = load_session(svc, sid)
     assert s.lifecycle_state == "active"
     assert s.cached_diff is not None
     assert "new.txt" in {f["path"] for f in s.cached_diff["files"]}
@@ -51,8 +52,8 @@ def test_no_run_kind_executes_sandbox_content(svc: LifecycleService, tmp_path: P
         sessions.patch_session(
             db, svc.settings, row, sessions.SessionPatch(status=SessionStatus.ARCHIVED)
         )
-    assert _drain(svc, sid) == ["succeeded"]
-    assert _session(svc, sid).lifecycle_state == "archived"
+    assert drain(svc, sid) == ["succeeded"]
+    assert load_session(svc, sid).lifecycle_state == "archived"
     # ... and nothing of them ran at any step.
     assert not marker.exists(), marker.read_text()[:2000]
 
@@ -74,9 +75,9 @@ def _refs_of(work: Path) -> list[str]:
 
 def test_sibling_sessions_never_see_each_others_work(svc: LifecycleService, tmp_path: Path) -> None:
     # Two sessions of one account share one workspace repo.
-    first = _create(svc)
-    assert _drain(svc, first) == ["succeeded", "succeeded"]
-    a = _session(svc, first)
+    first = new_session(svc)
+    assert drain(svc, first) == ["succeeded", "succeeded"]
+    a = load_session(svc, first)
     work_a = Path(a.sandbox_state["workdir"])
     # Session A commits and pushes work to its branch in the workspace.
     (work_a / "secret-a.txt").write_text("only A may see this\n")
@@ -91,19 +92,10 @@ def test_sibling_sessions_never_see_each_others_work(svc: LifecycleService, tmp_
     run_git(["push", "-q", "origin", "a-tag"], action="x", cwd=work_a)
 
     # The second session is created by the same account: same workspace repo.
-    with svc.factory.begin() as db:
-        created = sessions.create_session(
-            db,
-            svc.settings,
-            a.user_id,
-            sessions.CreateSession(),
-            clone_url=a.clone_url,
-            sandbox_type="local",
-        )
-        second = created.session.id
-    assert _drain(svc, second) == ["succeeded", "succeeded"]
-    b = _session(svc, second)
-    assert (b.repo_owner, b.repo_name) == (a.repo_owner, a.repo_name)
+    second = new_session(svc, account_id=a.user_id)
+    assert drain(svc, second) == ["succeeded", "succeeded"]
+    b = load_session(svc, second)
+    assert (b.repo_owner, b.repo_name, b.clone_url) == (a.repo_owner, a.repo_name, a.clone_url)
     work_b = Path(b.sandbox_state["workdir"])
 
     refs_b = _refs_of(work_b)

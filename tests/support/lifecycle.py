@@ -1,0 +1,51 @@
+"""The lifecycle service as the in-process tests build it: the run's settings and
+database, the providers those settings name, and a Celery publisher on the run's Redis.
+
+The ``svc`` fixture (``tests/conftest.py``) is ``make_service(service_settings(tmp_path))``;
+a test that needs other settings, another session factory or no publisher builds its own
+with the same two functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from worker.config import Settings
+    from worker.services.lifecycle import LifecycleService
+
+
+def service_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """The run's settings with a data directory of the test's own, a fault plan file in it
+    (write it to inject provider faults) and two retries, then ``overrides``."""
+    from worker.config import get_settings
+
+    update = {"data_dir": data_dir, "fault_plan": data_dir / "faults.json", "task_max_retries": 2}
+    return get_settings().model_copy(update={**update, **overrides})
+
+
+def make_service(
+    settings: Settings | None = None,
+    *,
+    factory: sessionmaker[Session] | None = None,
+    publish: bool = True,
+) -> LifecycleService:
+    """A :class:`LifecycleService` on ``settings`` (default: the run's), ``factory``
+    (default: the run's session factory) and the providers the settings name; it
+    publishes through Celery unless ``publish`` is false."""
+    from worker.celery_app import create_celery
+    from worker.config import get_settings
+    from worker.db.engine import get_sessionmaker
+    from worker.providers.broker import CeleryPublisher
+    from worker.providers.registry import build_providers
+    from worker.services.lifecycle import LifecycleService
+
+    settings = settings or get_settings()
+    return LifecycleService(
+        settings,
+        factory or get_sessionmaker(),
+        build_providers(settings),
+        CeleryPublisher(create_celery(settings)) if publish else None,
+    )
