@@ -271,8 +271,7 @@ class Servers:
         from worker.db.migrate import upgrade
 
         upgrade(database_url)
-        base = redis_url.rsplit("/", 1)[0] if redis_url.count("/") >= 3 else redis_url
-        broker_url = f"{base}/{REDIS_DB}"
+        broker_url = servers.redis_db(redis_url, REDIS_DB)
         data_dir = work / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
         os.environ["LIFECYCLE_DATABASE_URL"] = database_url
@@ -334,10 +333,9 @@ class Servers:
             client.close()
 
     def conninfo(self) -> str:
-        from sqlalchemy.engine import make_url
+        from tests.support.servers import conninfo
 
-        url = make_url(self.database_url).set(drivername="postgresql")
-        return url.render_as_string(hide_password=False)
+        return conninfo(self.database_url)
 
     def reset_tables(self) -> None:
         """Empty every session table and the broker database (between benchmarks)."""

@@ -23,22 +23,6 @@ pytest_plugins = ["tests.s3"]
 _STATE_DIR = Path(os.environ.get("LIFECYCLE_TEST_STATE_DIR", "/tmp/lifecycle-test-servers"))
 
 
-# Redis databases BASE, BASE+1 and BASE+2 (the API tests, the sweeps stack, the GitHub
-# stack); set LIFECYCLE_TEST_REDIS_DB to run two suites on one Redis without one
-# flushing the other's queues.
-REDIS_BASE_DB = int(os.environ.get("LIFECYCLE_TEST_REDIS_DB", "11"))
-
-
-def _redis_db(url: str, db: int) -> str:
-    base = url.rsplit("/", 1)[0] if url.count("/") >= 3 else url
-    return f"{base}/{db}"
-
-
-def redis_db_url(broker_url: str, offset: int) -> str:
-    """The URL of the test Redis database ``REDIS_BASE_DB + offset``."""
-    return _redis_db(broker_url, REDIS_BASE_DB + offset)
-
-
 @pytest.fixture(scope="session")
 def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Point the whole process at a fresh database and a private Redis database index."""
@@ -52,7 +36,7 @@ def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     db_name = f"lifecycle_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     database_url = servers.create_fresh_database(admin_url, db_name)
     upgrade(database_url)
-    broker_url = _redis_db(redis_url, REDIS_BASE_DB)
+    broker_url = servers.redis_db_url(redis_url, 0)
     data_dir = tmp_path_factory.mktemp("lifecycle-data")
     previous = {
         k: os.environ.get(k)

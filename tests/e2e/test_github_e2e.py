@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import redis_db_url
-from tests.e2e.conftest import Stack, _stack
-from tests.e2e.test_lifecycle_e2e import create, get, history, kick, wait_state
 from tests.github_fake import FakeGitHubServer, start_fake_github
 from tests.support.factories import Caller, add_member, make_account, make_caller
+from tests.support.servers import redis_db_url
+from tests.support.stack import Stack, create, get, history, kick, make_stack, running, wait_state
 
 pytestmark = pytest.mark.e2e
 
@@ -39,21 +38,14 @@ def gh_stack(
     tmp_path_factory: pytest.TempPathFactory,
     fake_github: FakeGitHubServer,
 ) -> Iterator[Stack]:
-    s = _stack(
+    s = make_stack(
         server_urls,
         tmp_path_factory.mktemp("e2e-github"),
         redis_db_url(server_urls["broker_url"], 2),
         fake_github.settings_env(),
     )
-    import redis
-
-    redis.Redis.from_url(s.env["LIFECYCLE_BROKER_URL"]).flushdb()
-    s.start_api()
-    s.start_worker(concurrency=4)
-    try:
+    with running(s, concurrency=4):
         yield s
-    finally:
-        s.stop_all()
 
 
 @pytest.fixture

@@ -16,47 +16,15 @@ import httpx
 import pytest
 import zstandard
 
-from tests.e2e.conftest import Stack, wait_until
 from tests.support.factories import Caller
+from tests.support.processes import wait_until
+from tests.support.stack import Stack, create, get, history, kick, wait_state
 from worker.celery_app import create_celery
 from worker.config import Settings
 from worker.providers.file_snapshots import FileSnapshotStore
 from worker.providers.local_git import LocalGitRepoHost
 
 pytestmark = pytest.mark.e2e
-
-
-def create(client: httpx.Client, **body: Any) -> dict[str, Any]:
-    r = client.post("/api/sessions", json=body)
-    assert r.status_code == 200, r.text
-    return r.json()["session"]  # type: ignore[no-any-return]
-
-
-def get(client: httpx.Client, sid: str) -> dict[str, Any]:
-    r = client.get(f"/api/sessions/{sid}")
-    assert r.status_code == 200, r.text
-    return r.json()["session"]  # type: ignore[no-any-return]
-
-
-def wait_state(client: httpx.Client, sid: str, *states: str, timeout: float = 90) -> dict[str, Any]:
-    def reached() -> dict[str, Any] | None:
-        s = get(client, sid)
-        free = s["lifecycleRunId"] is None
-        return s if s["lifecycleState"] in states and free else None
-
-    return wait_until(reached, timeout=timeout, what=f"session {sid} to reach {states}")  # type: ignore[no-any-return]
-
-
-def history(client: httpx.Client, sid: str) -> list[dict[str, Any]]:
-    r = client.get(f"/api/sessions/{sid}/runs")
-    assert r.status_code == 200, r.text
-    return r.json()["runs"]  # type: ignore[no-any-return]
-
-
-def kick(client: httpx.Client, sid: str, what: str) -> dict[str, Any]:
-    r = client.post(f"/api/sessions/{sid}/{what}")
-    assert r.status_code == 202, r.text
-    return r.json()["run"]  # type: ignore[no-any-return]
 
 
 def manifest(root: Path) -> dict[str, tuple[int, str]]:

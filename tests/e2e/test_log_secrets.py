@@ -18,19 +18,15 @@ from psycopg import sql
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from tests.e2e.conftest import Stack, _stack
-from tests.e2e.test_lifecycle_e2e import create, get, history, kick, wait_state
 from tests.support.factories import make_caller
+from tests.support.servers import conninfo
+from tests.support.stack import Stack, create, get, history, kick, make_stack, running, wait_state
 from worker.db.engine import get_sessionmaker
 from worker.db.models import LifecycleRunRecord
 
 pytestmark = pytest.mark.e2e
 
 ALNUM = string.ascii_letters + string.digits
-
-
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +36,7 @@ def secret_db(server_urls: dict[str, str]) -> Iterator[tuple[str, str]]:
     role = f"lifecycle_logs_{uuid.uuid4().hex[:8]}"
     password = "pw" + "".join(secrets.choice(ALNUM) for _ in range(30))
     base = make_url(server_urls["database_url"])
-    with psycopg.connect(_libpq(server_urls["database_url"]), autocommit=True) as conn:
+    with psycopg.connect(conninfo(server_urls["database_url"]), autocommit=True) as conn:
         ident = sql.Identifier(role)
         conn.execute(
             sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(ident, sql.Literal(password))
@@ -54,12 +50,12 @@ def secret_db(server_urls: dict[str, str]) -> Iterator[tuple[str, str]]:
         conn.execute(sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA public TO {}").format(ident))
         conn.execute(sql.SQL("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {}").format(ident))
     url = base.set(username=role, password=password).render_as_string(hide_password=False)
-    with psycopg.connect(_libpq(url)) as conn:  # the role can log in with its password
+    with psycopg.connect(conninfo(url)) as conn:  # the role can log in with its password
         conn.execute("SELECT 1 FROM sessions LIMIT 1")
     try:
         yield url, password
     finally:
-        with psycopg.connect(_libpq(server_urls["database_url"]), autocommit=True) as conn:
+        with psycopg.connect(conninfo(server_urls["database_url"]), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
@@ -76,21 +72,14 @@ def secret_stack(
     token: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    import redis
-
-    redis.Redis.from_url(server_urls["broker_url"]).flushdb()
-    s = _stack(
+    s = make_stack(
         server_urls,
         tmp_path_factory.mktemp("e2e-secrets"),
         server_urls["broker_url"],
         {"LIFECYCLE_DATABASE_URL": secret_db[0], "LIFECYCLE_GITHUB_TOKEN": token},
     )
-    s.start_api()
-    s.start_worker()
-    try:
+    with running(s):
         yield s
-    finally:
-        s.stop_all()
 
 
 def _json_lines(text: str) -> list[dict[str, Any]]:

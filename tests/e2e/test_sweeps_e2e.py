@@ -11,10 +11,10 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from tests.conftest import redis_db_url
-from tests.e2e.conftest import Stack, _stack, wait_until
-from tests.e2e.test_lifecycle_e2e import create, get, history, wait_state
 from tests.support.factories import Caller
+from tests.support.processes import wait_until
+from tests.support.servers import redis_db_url
+from tests.support.stack import Stack, create, get, history, make_stack, running, wait_state
 from worker.db.engine import get_sessionmaker
 from worker.db.models import ChatRecord
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def swept(server_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A stack with a few seconds of idle timeout, short leases and beat running."""
-    s = _stack(
+    s = make_stack(
         server_urls,
         tmp_path_factory.mktemp("e2e-sweeps"),
         redis_db_url(server_urls["broker_url"], 1),
@@ -36,16 +36,8 @@ def swept(server_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
             "LIFECYCLE_LEASE_SECONDS": "5",
         },
     )
-    import redis
-
-    redis.Redis.from_url(s.env["LIFECYCLE_BROKER_URL"]).flushdb()
-    s.start_api()
-    s.start_worker()
-    s.start_beat()
-    try:
+    with running(s, beat=True):
         yield s
-    finally:
-        s.stop_all()
 
 
 def test_idle_sessions_hibernate_by_the_sweep_alone(swept: Stack, caller: Caller) -> None:

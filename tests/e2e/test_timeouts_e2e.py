@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import redis_db_url
-from tests.e2e.conftest import Stack, _stack, wait_until
-from tests.e2e.test_lifecycle_e2e import create, get, wait_state
 from tests.support.factories import Caller
+from tests.support.processes import wait_until
+from tests.support.servers import redis_db_url
+from tests.support.stack import Stack, create, get, make_stack, running, wait_state
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 def timed(server_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Defaults far away (10 min idle, 5 h lifetime), a 1 s guard and a sweep every second:
     only what a session asks for itself can make it hibernate here."""
-    s = _stack(
+    s = make_stack(
         server_urls,
         tmp_path_factory.mktemp("e2e-timeouts"),
         redis_db_url(server_urls["broker_url"], 1),
@@ -32,16 +32,8 @@ def timed(server_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
             "LIFECYCLE_RELAY_INTERVAL_SECONDS": "1",
         },
     )
-    import redis
-
-    redis.Redis.from_url(s.env["LIFECYCLE_BROKER_URL"]).flushdb()
-    s.start_api()
-    s.start_worker()
-    s.start_beat()
-    try:
+    with running(s, beat=True):
         yield s
-    finally:
-        s.stop_all()
 
 
 def test_own_idle_timeout_and_extend(timed: Stack, caller: Caller) -> None:

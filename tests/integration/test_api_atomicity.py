@@ -10,8 +10,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.integration.conftest import create, row_counts
+from tests.support.api import create
 from tests.support.factories import Caller
+from tests.support.rows import row_counts
 
 
 class Boom(RuntimeError):

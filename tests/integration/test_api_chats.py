@@ -12,8 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from tests.integration.conftest import assert_error, create, sql, sql_exec
+from tests.support.api import assert_error, create
 from tests.support.factories import Caller, make_caller
+from tests.support.rows import sql, sql_exec
 from worker.db.engine import get_sessionmaker
 from worker.db.models import SessionRecord
 

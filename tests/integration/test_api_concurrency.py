@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import row_counts, sql
 from tests.support.factories import Caller, make_caller
+from tests.support.rows import row_counts, sql
 from worker.ops.embedded import find_free_port
 
 N = 200

@@ -9,15 +9,9 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from tests.integration.conftest import (
-    SEED_CHAT_FIELDS,
-    SEED_SESSION_FIELDS,
-    create,
-    new_uuid,
-    row_counts,
-    sql,
-)
+from tests.support.api import SEED_CHAT_FIELDS, SEED_SESSION_FIELDS, create, new_uuid
 from tests.support.factories import Caller, add_member, make_account, make_caller
+from tests.support.rows import row_counts, sql
 from worker.config import get_settings
 
 GENERATED_TITLE = re.compile(r"^[A-Z][a-z]+ [A-Z][a-z]+ \d{4}$")

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.integration.conftest import assert_error, create, new_uuid, row_counts
+from tests.support.api import assert_error, create, new_uuid
 from tests.support.factories import Caller, add_member, make_account, make_caller
+from tests.support.rows import row_counts
 from worker.db.engine import get_sessionmaker
 from worker.services import accounts
 

@@ -6,8 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi.testclient import TestClient
 
-from tests.integration.conftest import assert_error, create, row_counts, sql
+from tests.support.api import assert_error, create
 from tests.support.factories import Caller, make_caller
+from tests.support.rows import row_counts, sql
 
 
 def _key(caller: Caller, key: str) -> dict[str, str]:

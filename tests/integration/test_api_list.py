@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.integration.conftest import assert_error, create, row_counts
+from tests.support.api import assert_error, create
 from tests.support.factories import Caller, make_caller
+from tests.support.rows import row_counts
 
 
 def _list(client: TestClient, caller: Caller, **params: str) -> Any:

@@ -78,7 +78,7 @@ def test_create_request_body_is_documented(spec: dict[str, Any]) -> None:
 
 
 def test_create_response_documents_session_and_chat(spec: dict[str, Any]) -> None:
-    from tests.integration.conftest import SEED_CHAT_FIELDS, SEED_SESSION_FIELDS
+    from tests.support.api import SEED_CHAT_FIELDS, SEED_SESSION_FIELDS
 
     op = spec["paths"]["/api/sessions"]["post"]
     created = _resolve(spec, op["responses"]["200"]["content"]["application/json"]["schema"])

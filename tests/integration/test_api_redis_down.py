@@ -16,8 +16,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from tests.integration.conftest import create, sql
+from tests.support.api import create
 from tests.support.factories import Caller
+from tests.support.rows import sql
 from worker.celery_app import create_celery
 from worker.config import Settings
 from worker.db.engine import get_sessionmaker

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.integration.conftest import assert_error, create, row_counts, sql, sql_exec
+from tests.support.api import assert_error, create
 from tests.support.factories import Caller
+from tests.support.rows import row_counts, sql, sql_exec
 
 
 @pytest.fixture

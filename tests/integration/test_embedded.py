@@ -13,6 +13,7 @@ import redis
 from tests.support.servers import (
     DEFAULT_POSTGRES_URL,
     DEFAULT_REDIS_URL,
+    conninfo,
     create_fresh_database,
     ensure_postgres,
     ensure_redis,
@@ -40,10 +41,6 @@ def rds(tmp_path: Path) -> Iterator[EmbeddedRedis]:
         server.stop()
 
 
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 def test_find_free_port_is_bindable() -> None:
     import socket
 
@@ -61,7 +58,7 @@ def test_embedded_postgres_lifecycle(pg: EmbeddedPostgres) -> None:
     assert pg.url == f"postgresql+psycopg://postgres@127.0.0.1:{port}/lifecycle"
     assert pg.start() is False  # already running: no-op
 
-    with psycopg.connect(_libpq(pg.url), autocommit=True) as conn:
+    with psycopg.connect(conninfo(pg.url), autocommit=True) as conn:
         row = conn.execute("SELECT current_database(), current_user, 40 + 2").fetchone()
         assert row == ("lifecycle", "postgres", 42)
         assert conn.execute("SHOW server_encoding").fetchone() == ("UTF8",)
@@ -76,7 +73,7 @@ def test_embedded_postgres_lifecycle(pg: EmbeddedPostgres) -> None:
     again = EmbeddedPostgres(pg.data_dir, durable=False)
     assert again.start() is True
     assert again.port == port
-    with psycopg.connect(_libpq(again.url)) as conn:
+    with psycopg.connect(conninfo(again.url)) as conn:
         assert conn.execute("SELECT v FROM kept").fetchall() == [("survives restart",)]
 
     # crash: SIGKILL the postmaster, then start again on the same port
@@ -84,14 +81,14 @@ def test_embedded_postgres_lifecycle(pg: EmbeddedPostgres) -> None:
     assert not again.is_running()
     assert again.start() is True
     assert again.port == port
-    with psycopg.connect(_libpq(again.url)) as conn:
+    with psycopg.connect(conninfo(again.url)) as conn:
         assert conn.execute("SELECT count(*) FROM kept").fetchone() == (1,)
 
     # context manager stops it
     again.stop()
     with EmbeddedPostgres(pg.data_dir, database="other", durable=False) as ctx:
         assert ctx.is_running()
-        with psycopg.connect(_libpq(ctx.url)) as conn:
+        with psycopg.connect(conninfo(ctx.url)) as conn:
             assert conn.execute("SELECT current_database()").fetchone() == ("other",)
     assert not ctx.is_running()
 
@@ -149,17 +146,17 @@ def test_ensure_postgres_prefers_machine_server(tmp_path: Path) -> None:
     url = create_fresh_database(DEFAULT_POSTGRES_URL, name)
     assert url == f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     try:
-        with psycopg.connect(_libpq(url)) as conn:
+        with psycopg.connect(conninfo(url)) as conn:
             conn.execute("CREATE TABLE t (x int)")
             conn.commit()
         # a held connection does not block the re-creation (WITH (FORCE))
-        with psycopg.connect(_libpq(url), autocommit=True) as held:
+        with psycopg.connect(conninfo(url), autocommit=True) as held:
             held.execute("SELECT 1")
             assert create_fresh_database(DEFAULT_POSTGRES_URL, name) == url
-        with psycopg.connect(_libpq(url)) as conn:
+        with psycopg.connect(conninfo(url)) as conn:
             assert conn.execute("SELECT to_regclass('t')").fetchone() == (None,)
     finally:
-        with psycopg.connect(_libpq(DEFAULT_POSTGRES_URL), autocommit=True) as conn:
+        with psycopg.connect(conninfo(DEFAULT_POSTGRES_URL), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -175,7 +172,7 @@ def test_create_fresh_database_on_embedded_server(pg: EmbeddedPostgres) -> None:
     admin = pg.url.rsplit("/", 1)[0] + "/postgres"
     url = create_fresh_database(admin, "fresh")
     assert url == f"postgresql+psycopg://postgres@127.0.0.1:{pg.port}/fresh"
-    with psycopg.connect(_libpq(url)) as conn:
+    with psycopg.connect(conninfo(url)) as conn:
         assert conn.execute("SELECT current_database()").fetchone() == ("fresh",)
 
 

@@ -13,8 +13,9 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
 
 from api_stub.routes.metrics import registry_for
-from tests.integration.conftest import create, sql, sql_exec
+from tests.support.api import create
 from tests.support.factories import Caller
+from tests.support.rows import sql, sql_exec
 from worker.config import Settings, get_settings
 from worker.db.engine import get_sessionmaker
 from worker.services import sweep_stats

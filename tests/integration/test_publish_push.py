@@ -96,7 +96,7 @@ def _outbox_rows(n: int) -> list[tuple[int, str, dict[str, Any], str | None]]:
 def test_background_publisher_publishes_and_marks_every_submitted_row(
     db_clean: dict[str, str], redis_client: Any
 ) -> None:
-    from tests.integration.conftest import sql
+    from tests.support.rows import sql
     from worker.db.engine import get_sessionmaker
     from worker.services.outbox import BackgroundPublisher
 
@@ -119,7 +119,7 @@ def test_background_publisher_releases_rows_the_broker_refused(
     db_clean: dict[str, str], redis_client: Any
 ) -> None:
     """Refused rows are released at once (claim cleared, error kept) for the relay."""
-    from tests.integration.conftest import sql
+    from tests.support.rows import sql
     from worker.db.engine import get_sessionmaker
     from worker.services.outbox import BackgroundPublisher
 

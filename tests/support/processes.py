@@ -1,5 +1,6 @@
 """What the end-to-end tests, the fault suite and the benchmarks share to drive real
-processes: the ``python -m worker`` command line, and a bounded polling loop."""
+processes: the ``python -m worker`` command line, a bounded polling loop, and whether a
+process answers over HTTP."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 LIFECYCLE = [sys.executable, "-m", "worker"]
@@ -67,3 +70,11 @@ def wait_until(
             raise error(f"{dead} while waiting for {what}")
         time.sleep(interval)
     raise error(f"timed out after {timeout:g}s waiting for {what}; last value: {last!r}")
+
+
+def answers_ok(url: str, timeout: float = 1.0) -> bool:
+    """Whether ``GET url`` answers 200 now (a refused or timed-out request: False)."""
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -25,6 +25,11 @@ from worker.ops.embedded import EmbeddedPostgres, EmbeddedRedis
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
+# Redis databases BASE, BASE+1 and BASE+2 (the API tests, the sweeps stack, the GitHub
+# stack); set LIFECYCLE_TEST_REDIS_DB to run two suites on one Redis without one
+# flushing the other's queues.
+REDIS_BASE_DB = int(os.environ.get("LIFECYCLE_TEST_REDIS_DB", "11"))
+
 MACHINE_REDIS_DIR = Path("/var/lib/redis")
 MACHINE_REDIS_LOG = Path("/var/log/redis/ci.log")
 
@@ -33,14 +38,25 @@ def _say(message: str) -> None:
     print(f"[tests.support.servers] {message}", file=sys.stderr, flush=True)
 
 
-def _conninfo(url: str) -> str:
+def conninfo(url: str) -> str:
     """SQLAlchemy URL -> libpq URL (drops the ``+psycopg`` driver part)."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def redis_db(url: str, db: int) -> str:
+    """``url`` with its database index replaced by ``db``."""
+    base = url.rsplit("/", 1)[0] if url.count("/") >= 3 else url
+    return f"{base}/{db}"
+
+
+def redis_db_url(broker_url: str, offset: int) -> str:
+    """The URL of the test Redis database ``REDIS_BASE_DB + offset``."""
+    return redis_db(broker_url, REDIS_BASE_DB + offset)
+
+
 def postgres_answers(url: str, timeout: int = 2) -> bool:
     try:
-        with psycopg.connect(_conninfo(url), connect_timeout=timeout) as conn:
+        with psycopg.connect(conninfo(url), connect_timeout=timeout) as conn:
             conn.execute("SELECT 1")
     except psycopg.Error:
         return False
@@ -161,7 +177,7 @@ def ensure_redis(url: str | None, state_dir: Path) -> str:
 def create_fresh_database(admin_url: str, name: str) -> str:
     """Drop (WITH (FORCE)) and create database ``name`` on ``admin_url``'s server; its URL."""
     admin = make_url(admin_url)
-    with psycopg.connect(_conninfo(admin_url), autocommit=True, connect_timeout=5) as conn:
+    with psycopg.connect(conninfo(admin_url), autocommit=True, connect_timeout=5) as conn:
         ident = sql.Identifier(name)
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(ident))
@@ -170,7 +186,7 @@ def create_fresh_database(admin_url: str, name: str) -> str:
 
 def drop_database(admin_url: str, name: str) -> None:
     """Drop database ``name`` (WITH (FORCE)) on ``admin_url``'s server, if it exists."""
-    with psycopg.connect(_conninfo(admin_url), autocommit=True, connect_timeout=5) as conn:
+    with psycopg.connect(conninfo(admin_url), autocommit=True, connect_timeout=5) as conn:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
