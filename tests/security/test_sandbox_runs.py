@@ -10,8 +10,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.security.test_sandbox_git import CONFIG_KEYS, _plant_config, plant_hooks
 from tests.support.drains import drain
+from tests.support.hostile import CONFIG_KEYS, plant_config, plant_hooks
 from tests.support.sessions import kick, load_session, new_session
 from worker.db.models import SessionRecord
 from worker.domain.lifecycle import RunKind, SessionStatus
@@ -25,7 +25,7 @@ def _plant_everything(work: Path, marker: Path) -> None:
     for key in CONFIG_KEYS:
         if key in ("core.hooksPath", "protocol.ext", "core.sshCommand"):
             continue  # each replaces a value another plant needs; covered one by one
-        _plant_config(work, marker, key)
+        plant_config(work, marker, key)
 
 
 def test_no_run_kind_executes_sandbox_content(svc: LifecycleService, tmp_path: Path) -> None:
