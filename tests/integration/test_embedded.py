@@ -192,7 +192,7 @@ def test_ensure_falls_back_to_embedded_servers(
     )
     monkeypatch.setattr(servers, "DEFAULT_REDIS_URL", f"redis://127.0.0.1:{find_free_port()}/0")
     monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
-    monkeypatch.setattr(servers, "_system_which", lambda name: None)
+    monkeypatch.setattr(servers, "system_which", lambda name: None)
 
     pg_url = servers.ensure_postgres(None, tmp_path)
     redis_url = servers.ensure_redis(None, tmp_path)

@@ -24,7 +24,7 @@ from worker.db import connection
 from worker.db.engine import get_engine
 from worker.db.models import ChatRecord, LifecycleRunRecord, OutboxRecord, SessionRecord
 from worker.domain.lifecycle import RunKind
-from worker.services import lifecycle
+from worker.services import lifecycle, outbox
 from worker.services.lifecycle import LifecycleService
 from worker.task_names import DEFAULT_QUEUE
 
@@ -129,7 +129,8 @@ def _kick_hibernate(svc: LifecycleService, sid: uuid.UUID) -> dict[str, Any]:
         s = db.get(SessionRecord, sid, with_for_update=True)
         assert s is not None
         kicked = runs.kick(db, s, RunKind.HIBERNATE, "api")
-    svc._publish(kicked.outbox)
+    assert svc.publisher is not None
+    outbox.publish_now(svc.factory, kicked.outbox, svc.publisher)  # as a kick's caller does
     job = next_job(svc, sid)
     assert job is not None and job["kind"] is RunKind.HIBERNATE
     return job
@@ -159,11 +160,11 @@ def test_a_lease_lost_before_recording_abandons_the_run_and_records_nothing(
 ) -> None:
     sid = new_session(svc)
     job = next_job(svc, sid)
-    assert job is not None
-    work = svc._work
+    assert job is not None and job["kind"] is RunKind.PROVISION
+    provision = svc.work.provision
 
-    def work_then_lose_the_lease(kind: RunKind, claim: lifecycle.Claim) -> dict[str, Any]:
-        changes = work(kind, claim)
+    def work_then_lose_the_lease(s: lifecycle.SessionView) -> dict[str, Any]:
+        changes = provision(s)
         with svc.factory.begin() as db:  # the lease expired and someone released it
             db.execute(
                 update(SessionRecord)
@@ -172,7 +173,7 @@ def test_a_lease_lost_before_recording_abandons_the_run_and_records_nothing(
             )
         return changes
 
-    monkeypatch.setattr(svc, "_work", work_then_lose_the_lease)
+    monkeypatch.setattr(svc.work, "provision", work_then_lose_the_lease)
     before = len(run_history(svc, sid))
     out = deliver(svc, job)
     assert (out.status, out.reason, out.jobs) == ("skipped", "lease lost before recording", [])
@@ -318,15 +319,15 @@ def test_a_transient_failure_releases_the_lease_and_keeps_the_run_queued(
 def test_a_connection_broken_between_deliveries_fails_one_with_a_database_error(
     svc: LifecycleService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(lifecycle, "CONNECTION_REUSE_SECONDS", 3600.0)  # always kept
+    monkeypatch.setattr(connection, "CONNECTION_REUSE_SECONDS", 3600.0)  # always kept
     sid = new_session(svc)
     job = next_job(svc, sid)
     assert job is not None
     assert deliver(svc, job).status == "succeeded"
-    spare = svc._spare
-    assert spare is not None and spare._pg is not None
+    kept = svc.kept_connection
+    assert kept is not None and kept.backend_pid is not None
     with get_engine().begin() as conn:  # the server drops the worker's connection
-        conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": spare._pg.info.backend_pid})
+        conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": kept.backend_pid})
     start = next_job(svc, sid)
     assert start is not None
     # Raised as SQLAlchemy's OperationalError: the task retries the delivery later.
@@ -349,7 +350,7 @@ def test_connections_go_back_to_the_pool_transactional(
         monkeypatch.setattr(connection, "CONNECTION_REUSE_SECONDS", -1.0)  # never kept
         sid = new_session(svc)
         assert drain(svc, sid) == ["succeeded", "succeeded"]
-        assert svc._spare is None
+        assert svc.kept_connection is None
         with engine.connect() as conn:
             assert conn.connection.driver_connection.autocommit is False
             conn.execute(text("UPDATE sessions SET title = 'x' WHERE id = :id"), {"id": sid})

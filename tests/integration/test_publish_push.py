@@ -40,7 +40,7 @@ def test_pushed_messages_equal_what_send_task_writes(
 ) -> None:
     settings = Settings(broker_url=server_urls["broker_url"])
     publisher = CeleryPublisher(create_celery(settings))
-    assert publisher._can_push()
+    assert publisher.fast_path
     key = queue or DEFAULT_QUEUE
     jobs = [
         ("lifecycle.provision", {"session_id": str(uuid.uuid4()), "run_id": "r1", "version": 0}),
@@ -69,7 +69,7 @@ def test_without_the_fast_path_publish_many_still_sends_every_job(
     """Task-sent events on: publish_many goes through send_task (in one producer batch)."""
     settings = Settings(broker_url=server_urls["broker_url"], task_sent_events=True)
     publisher = CeleryPublisher(create_celery(settings))
-    assert not publisher._can_push()
+    assert not publisher.fast_path
     ids = [str(uuid.uuid4()) for _ in range(3)]
     publisher.publish_many(
         [("lifecycle.start", {"session_id": i, "run_id": i, "version": 1}, i, None) for i in ids]

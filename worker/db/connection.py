@@ -50,6 +50,12 @@ class KeptConnection:
             and (self._sa is None or not self._sa.invalidated)
         )
 
+    @property
+    def backend_pid(self) -> int | None:
+        """The PostgreSQL server process of the checked-out connection, or None when none
+        is checked out (what ``pg_terminate_backend`` takes to drop it from outside)."""
+        return None if self._pg is None else self._pg.info.backend_pid
+
     def _checkout(self) -> psycopg.Connection[Any]:
         if self._pg is not None and not self.usable():
             self.close()

@@ -107,6 +107,13 @@ class CeleryPublisher:
             self._mark_down()
             raise
 
+    @property
+    def fast_path(self) -> bool:
+        """Whether :meth:`publish_many` pushes the messages straight onto Redis lists (the
+        broker is Redis, without task-sent events or compression, JSON-serialised)
+        rather than through ``send_task``."""
+        return self._can_push()
+
     def _can_push(self) -> bool:
         if self._pushable is None:
             conf = self.app.conf

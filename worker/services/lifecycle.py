@@ -162,6 +162,12 @@ class LifecycleService:
             raise TypeError("the session factory must be bound to an Engine")
         return KeptConnection(self.engine)
 
+    @property
+    def kept_connection(self) -> KeptConnection | None:
+        """The connection the last delivery kept for the next one, or None when it went
+        back to the pool (read-only: for tests and diagnostics to observe it)."""
+        return self._spare
+
     def _release(self, db: KeptConnection) -> None:
         kept = False
         with self._spare_lock:
