@@ -25,11 +25,8 @@ TOKEN = "ghp_" + secrets.token_hex(18)
 
 @pytest.fixture(scope="module")
 def fake_github(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGitHubServer]:
-    server = start_fake_github(tmp_path_factory.mktemp("github"), TOKEN)
-    try:
+    with start_fake_github(tmp_path_factory.mktemp("github"), TOKEN) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,51 +10,16 @@ full variant's size, e.g. ``FAULTS_SCALE=0.25 make test-faults`` for a quicker f
 from __future__ import annotations
 
 import atexit
-import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import RESULTS, Cluster
+from tests.faults.harness import RESULTS, Cluster, MakeCluster, OwnServers
 from worker.ops.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
-
-
-def faults_scale() -> float:
-    try:
-        return max(0.01, float(os.environ.get("FAULTS_SCALE", "1")))
-    except ValueError:
-        return 1.0
-
-
-def sized(full: int, short: int, variant: str) -> int:
-    """The size of ``variant`` ("full" scaled by FAULTS_SCALE, or "short")."""
-    if variant == "short":
-        return short
-    return max(short, round(full * faults_scale()))
-
-
-VARIANTS = [
-    pytest.param("short", id="short"),
-    pytest.param("full", id="full", marks=pytest.mark.faults),
-]
-
-
-@dataclass
-class OwnServers:
-    pg: EmbeddedPostgres
-    redis: EmbeddedRedis
-
-    def ensure_up(self) -> None:
-        """Bring back whatever a scenario left stopped (e.g. after a failed assertion)."""
-        if not self.pg.is_running():
-            self.pg.start()
-        if not self.redis.is_running():
-            self.redis.start()
 
 
 @pytest.fixture(scope="session")
@@ -96,9 +61,6 @@ def own_servers() -> Iterator[OwnServers]:
     finally:
         shut_down()
         atexit.unregister(shut_down)
-
-
-MakeCluster = Callable[[str, dict[str, str]], Cluster]
 
 
 @pytest.fixture

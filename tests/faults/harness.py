@@ -24,12 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from tests.support.processes import LIFECYCLE, ROOT, spawn, wait_until, worker_args
-from worker.ops.embedded import find_free_port
+from tests.support.processes import (
+    LIFECYCLE,
+    ROOT,
+    answers_ok,
+    poll,
+    spawn,
+    wait_until,
+    worker_args,
+)
+from worker.ops.embedded import EmbeddedPostgres, EmbeddedRedis, find_free_port
 
 OWNER = "recoupable"  # Settings.workspace_owner
 OPEN_STATES = ("pending", "queued", "running")
@@ -43,6 +52,42 @@ def wait_for(
 ) -> Any:
     """Poll ``check`` until truthy; a bounded loop (the bound only stops a broken run)."""
     return wait_until(check, timeout=timeout, interval=interval, what=what)
+
+
+# --------------------------------------------------------------------------- sizes and servers
+
+
+def faults_scale() -> float:
+    try:
+        return max(0.01, float(os.environ.get("FAULTS_SCALE", "1")))
+    except ValueError:
+        return 1.0
+
+
+def sized(full: int, short: int, variant: str) -> int:
+    """The size of ``variant`` ("full" scaled by FAULTS_SCALE, or "short")."""
+    if variant == "short":
+        return short
+    return max(short, round(full * faults_scale()))
+
+
+VARIANTS = [
+    pytest.param("short", id="short"),
+    pytest.param("full", id="full", marks=pytest.mark.faults),
+]
+
+
+@dataclass
+class OwnServers:
+    pg: EmbeddedPostgres
+    redis: EmbeddedRedis
+
+    def ensure_up(self) -> None:
+        """Bring back whatever a scenario left stopped (e.g. after a failed assertion)."""
+        if not self.pg.is_running():
+            self.pg.start()
+        if not self.redis.is_running():
+            self.redis.start()
 
 
 # --------------------------------------------------------------------------- processes
@@ -95,10 +140,7 @@ class Cluster:
         proc = self.procs.get("api")
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the API exited with {proc.returncode}:\n{self.log_tail('api')}")
-        try:
-            return httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return answers_ok(f"{self.base_url}/healthz")
 
     def start_worker(self, name: str = "worker", concurrency: int = 2) -> None:
         self._spawn(name, worker_args(concurrency))
@@ -511,12 +553,7 @@ class Driver:
 
     def wait_done(self, timeout: float) -> bool:
         """The bounded drain: until every answered session finished its plan."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.all_done():
-                return True
-            time.sleep(0.25)
-        return self.all_done()
+        return bool(poll(self.all_done, timeout=timeout, interval=0.25))
 
 
 # --------------------------------------------------------------------------- figures
@@ -723,3 +760,7 @@ def random_delays(calls: Iterable[str], count: int, delay: float, share: float) 
         call: [{"delay": delay} if rng.random() < share else {"delay": 0} for _ in range(count)]
         for call in calls
     }
+
+
+#: What the ``make_cluster`` fixture is: (scenario name, extra environment) -> a Cluster.
+MakeCluster = Callable[[str, dict[str, str]], Cluster]

@@ -36,22 +36,26 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.faults.conftest import VARIANTS, MakeCluster, OwnServers, sized
 from tests.faults.harness import (
     FULL_CYCLE,
+    VARIANTS,
     Api,
     Cluster,
     Driver,
     Figures,
     HttpStats,
+    MakeCluster,
     Observer,
+    OwnServers,
     Plan,
     compute_figures,
     make_callers,
     make_engine,
     random_delays,
+    sized,
     wait_for,
 )
+from tests.support.processes import poll
 
 BASE_ENV = {
     "LIFECYCLE_LEASE_SECONDS": "4",
@@ -174,6 +178,20 @@ def _db_now(engine: Engine) -> Any:
         return conn.execute(text("SELECT now()")).scalar_one()
 
 
+def _row_appears(engine: Engine, query: Any, params: dict[str, Any], timeout: float) -> bool:
+    """Wait (bounded) until ``query`` returns a row; a failed query counts as none (the
+    database may be the thing under fault)."""
+
+    def found() -> bool:
+        try:
+            with engine.connect() as conn:
+                return conn.execute(query, params).first() is not None
+        except Exception:
+            return False
+
+    return bool(poll(found, timeout=timeout, interval=0.02))
+
+
 def _wait_busy(engine: Engine, since: Any, timeout: float) -> bool:
     """Wait (bounded) until a run claimed after ``since`` holds a lease: the worker
     started after the last kill is mid-task (a lease left by the killed one does not
@@ -183,17 +201,7 @@ def _wait_busy(engine: Engine, since: Any, timeout: float) -> bool:
         "SELECT 1 FROM sessions WHERE lifecycle_run_id IS NOT NULL"
         " AND lease_expires_at > :since + make_interval(secs => :lease) LIMIT 1"
     )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with engine.connect() as conn:
-                busy = conn.execute(query, {"since": since, "lease": lease}).first()
-        except Exception:
-            busy = None
-        if busy:
-            return True
-        time.sleep(0.02)
-    return False
+    return _row_appears(engine, query, {"since": since, "lease": lease}, timeout)
 
 
 def _wait_leased_in(engine: Engine, state: str, timeout: float) -> bool:
@@ -202,16 +210,7 @@ def _wait_leased_in(engine: Engine, state: str, timeout: float) -> bool:
         "SELECT 1 FROM sessions WHERE lifecycle_state = :state"
         " AND lifecycle_run_id IS NOT NULL AND lease_expires_at > now() LIMIT 1"
     )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with engine.connect() as conn:
-                if conn.execute(query, {"state": state}).first():
-                    return True
-        except Exception:
-            pass
-        time.sleep(0.02)
-    return False
+    return _row_appears(engine, query, {"state": state}, timeout)
 
 
 # --------------------------------------------------------------------------- 2

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from tests.support.factories import Caller, make_caller
+from tests.support.processes import ROOT, answers_ok, wait_until
 from tests.support.rows import row_counts, sql
 from worker.ops.embedded import find_free_port
 
@@ -44,22 +44,22 @@ def live_api(db_clean: dict[str, str], redis_client: object, tmp_path: Path) -> 
         env={**os.environ, "LIFECYCLE_LOG_JSON": "true"},
         stdout=log,
         stderr=subprocess.STDOUT,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=ROOT,
     )
     url = f"http://127.0.0.1:{port}"
+
+    def exited() -> str | None:
+        if proc.poll() is None:
+            return None
+        return f"uvicorn exited: {(tmp_path / 'uvicorn.log').read_text()}"
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"uvicorn exited: {(tmp_path / 'uvicorn.log').read_text()}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("uvicorn did not answer /healthz")
-            time.sleep(0.1)
+        wait_until(
+            lambda: answers_ok(f"{url}/healthz"),
+            timeout=60,
+            what="uvicorn to answer /healthz",
+            alive=exited,
+        )
         yield url
     finally:
         proc.terminate()

@@ -35,11 +35,8 @@ ORG = "acme"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGitHubServer]:
-    gh = start_fake_github(tmp_path_factory.mktemp("fake-github"), TOKEN)
-    try:
+    with start_fake_github(tmp_path_factory.mktemp("fake-github"), TOKEN) as gh:
         yield gh
-    finally:
-        gh.stop()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.support.processes import wait_until
 from worker.ops.stack import (
     DevCredentials,
     StackError,
@@ -26,12 +27,7 @@ from worker.ops.supervisor import Supervisor
 
 
 def _wait(check: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
+    wait_until(check, timeout=timeout, interval=0.05)
 
 
 def _gone(pid: int) -> bool:

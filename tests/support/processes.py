@@ -72,6 +72,18 @@ def wait_until(
     raise error(f"timed out after {timeout:g}s waiting for {what}; last value: {last!r}")
 
 
+def poll(check: Callable[[], Any], *, timeout: float, interval: float = 0.1) -> Any:
+    """Call ``check`` until it returns something truthy or ``timeout`` has passed, and
+    return its last value either way: for waits whose timeout is an outcome to count,
+    not a failure (:func:`wait_until` raises instead)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = check()
+        if last or time.monotonic() >= deadline:
+            return last
+        time.sleep(interval)
+
+
 def answers_ok(url: str, timeout: float = 1.0) -> bool:
     """Whether ``GET url`` answers 200 now (a refused or timed-out request: False)."""
     try:
