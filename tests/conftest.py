@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from worker.services.lifecycle import LifecycleService
 
 # s3_server / s3_bucket: a real S3 API (moto in server mode) for any test that asks.
-pytest_plugins = ["tests.s3"]
+pytest_plugins = ["tests.support.s3"]
 
 _STATE_DIR = Path(os.environ.get("LIFECYCLE_TEST_STATE_DIR", "/tmp/lifecycle-test-servers"))
 

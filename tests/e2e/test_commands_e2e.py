@@ -11,17 +11,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Stack, _amqp_up, _stack, wait_until
-from tests.e2e.test_lifecycle_e2e import create, kick, wait_state
-from tests.factories import Caller
-from tests.security.test_bwrap_isolation import _searchable
+from tests.support.bwrap import searchable
+from tests.support.factories import Caller
+from tests.support.processes import wait_until
+from tests.support.stack import Stack, amqp_up, create, kick, make_stack, running, wait_state
 
 pytestmark = pytest.mark.e2e
 
 
 def _bwrap_stack(server_urls: dict[str, str], tmp: Path, broker_url: str) -> Stack:
-    _searchable(tmp)
-    return _stack(
+    searchable(tmp)
+    return make_stack(
         server_urls,
         tmp,
         broker_url,
@@ -37,16 +37,9 @@ def _bwrap_stack(server_urls: dict[str, str], tmp: Path, broker_url: str) -> Sta
 def bwrap_stack(
     bwrap: str, server_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    import redis
-
-    redis.Redis.from_url(server_urls["broker_url"]).flushdb()
     s = _bwrap_stack(server_urls, tmp_path_factory.mktemp("e2e-bwrap"), server_urls["broker_url"])
-    s.start_api()
-    s.start_worker(concurrency=3)
-    try:
+    with running(s, concurrency=3):
         yield s
-    finally:
-        s.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +47,11 @@ def bwrap_rabbit_stack(
     bwrap: str, server_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     url = os.environ.get("LIFECYCLE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-    if not _amqp_up():
+    if not amqp_up():
         pytest.skip("no RabbitMQ answers on 127.0.0.1:5672 (set LIFECYCLE_TEST_AMQP_URL)")
     s = _bwrap_stack(server_urls, tmp_path_factory.mktemp("e2e-bwrap-amqp"), url)
-    s.start_api()
-    s.start_worker(concurrency=3)
-    try:
+    with running(s, concurrency=3, flush=False):
         yield s
-    finally:
-        s.stop_all()
 
 
 def run(client: httpx.Client, sid: str, **body: Any) -> dict[str, Any]:

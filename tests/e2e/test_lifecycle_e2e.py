@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 import subprocess
 import tarfile
 import uuid
@@ -19,35 +17,13 @@ import zstandard
 from tests.support.factories import Caller
 from tests.support.processes import wait_until
 from tests.support.stack import Stack, create, get, history, kick, wait_state
+from tests.support.trees import git, manifest
 from worker.celery_app import create_celery
 from worker.config import Settings
 from worker.providers.file_snapshots import FileSnapshotStore
 from worker.providers.local_git import LocalGitRepoHost
 
 pytestmark = pytest.mark.e2e
-
-
-def manifest(root: Path) -> dict[str, tuple[int, str]]:
-    """path -> (mode, content hash or link target), for byte-for-byte comparison."""
-    out: dict[str, tuple[int, str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = (st.st_mode, "link:" + os.readlink(p))
-            elif p.is_file():
-                out[rel] = (st.st_mode, hashlib.sha256(p.read_bytes()).hexdigest())
-            else:
-                out[rel] = (st.st_mode, "dir")
-    return out
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
-    ).stdout
 
 
 def assert_versions_step_by_one(runs: list[dict[str, Any]], final_version: int) -> None:

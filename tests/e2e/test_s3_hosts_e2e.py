@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import redis_db_url
-from tests.e2e.conftest import Stack, _stack, wait_until
-from tests.e2e.test_lifecycle_e2e import create, get, git, kick, manifest, wait_state
-from tests.factories import Caller
-from tests.s3 import MotoS3
+from tests.support.factories import Caller
+from tests.support.processes import wait_until
+from tests.support.s3 import MotoS3
+from tests.support.servers import redis_db_url
+from tests.support.stack import Stack, create, get, kick, make_stack, wait_state
+from tests.support.trees import git, manifest
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +35,7 @@ def hosts_stack(
     import redis
 
     bucket = s3_server.new_bucket()
-    s = _stack(
+    s = make_stack(
         server_urls,
         tmp_path_factory.mktemp("e2e-hosts"),
         redis_db_url(server_urls["broker_url"], 3),

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.factories import Caller, make_caller
-from tests.integration.conftest import assert_error, create, new_uuid, sql, sql_exec
+from tests.support.api import assert_error, create, new_uuid
+from tests.support.factories import Caller, make_caller
+from tests.support.rows import sql, sql_exec
 
 HOST_QUEUE = "lifecycle.host.box-host-1"
 

@@ -9,8 +9,9 @@ from typing import Any
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from tests.factories import Caller
-from tests.integration.conftest import create, row_counts
+from tests.support.api import create
+from tests.support.factories import Caller
+from tests.support.rows import row_counts
 from worker.ops.cli import app
 
 

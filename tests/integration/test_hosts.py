@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import text
 
 from tests.support.drains import drain
+from tests.support.lifecycle import beat_long_ago, host_of
 from tests.support.sessions import kick, load_session, new_session, run_history
 from worker.db.models import WorkerHostRecord
 from worker.domain.lifecycle import RunKind
@@ -16,27 +17,11 @@ from worker.services import hosts, sweeps
 from worker.services.lifecycle import LifecycleService
 
 
-def _host_of(svc: LifecycleService) -> str:
-    return svc.queue.removeprefix("lifecycle.host.")
-
-
-def _beat_long_ago(svc: LifecycleService, seconds: int = 3600) -> None:
-    with svc.factory.begin() as db:
-        hosts.beat(db, _host_of(svc), svc.queue)
-        db.execute(
-            text(
-                "UPDATE worker_hosts SET last_beat_at = now() - make_interval(secs => :s)"
-                " WHERE hostname = :h"
-            ),
-            {"s": seconds, "h": _host_of(svc)},
-        )
-
-
 def test_a_live_host_is_left_alone(svc: LifecycleService) -> None:
     sid = new_session(svc)
     drain(svc, sid)
     with svc.factory.begin() as db:
-        hosts.beat(db, _host_of(svc), svc.queue)
+        hosts.beat(db, host_of(svc), svc.queue)
     assert hosts.recover_lost_hosts(svc) == {"lost": 0, "sessions": 0}
     assert load_session(svc, sid).lifecycle_state == "active"
 
@@ -57,7 +42,7 @@ def test_a_lost_host_sets_its_sessions_back_to_their_checkpoint(
     # A diff run was queued for the host when it died; a start kick waits behind it.
     kick(svc, checkpointed, RunKind.DIFF)
     version_before = load_session(svc, checkpointed).lifecycle_version
-    _beat_long_ago(svc)
+    beat_long_ago(svc)
 
     assert hosts.recover_lost_hosts(svc) == {"lost": 1, "sessions": 2}
     assert hosts.recover_lost_hosts(svc) == {"lost": 0, "sessions": 0}  # once
@@ -66,7 +51,7 @@ def test_a_lost_host_sets_its_sessions_back_to_their_checkpoint(
     assert s.lifecycle_state == "hibernated"
     assert s.lifecycle_version == version_before + 1
     assert s.lifecycle_run_id is None and "queue" not in s.sandbox_state
-    assert _host_of(svc) in (s.lifecycle_error or "")
+    assert host_of(svc) in (s.lifecycle_error or "")
     assert "work done after that snapshot is gone" in (s.lifecycle_error or "")
     history = run_history(svc, checkpointed)
     diff = next(r for r in history if r.kind == "diff")
@@ -80,7 +65,7 @@ def test_a_lost_host_sets_its_sessions_back_to_their_checkpoint(
         b.lifecycle_error or ""
     )
     with svc.factory() as db:
-        host = db.get(WorkerHostRecord, _host_of(svc))
+        host = db.get(WorkerHostRecord, host_of(svc))
         assert host is not None and host.state == "lost" and host.sessions_recovered == 2
 
     # Resuming restores the checkpoint (on whichever host takes the start).
@@ -96,9 +81,9 @@ def test_a_lost_host_sets_its_sessions_back_to_their_checkpoint(
     assert load_session(svc, bare).lifecycle_state == "active"
     # The host beats again: alive.
     with svc.factory.begin() as db:
-        hosts.beat(db, _host_of(svc), svc.queue)
+        hosts.beat(db, host_of(svc), svc.queue)
     with svc.factory() as db:
-        host = db.get(WorkerHostRecord, _host_of(svc))
+        host = db.get(WorkerHostRecord, host_of(svc))
         assert host is not None and host.state == "alive"
 
 
@@ -107,7 +92,7 @@ def test_snapshots_on_the_lost_hosts_own_disk_are_not_trusted(svc: LifecycleServ
     drain(svc, sid)
     kick(svc, sid, RunKind.SNAPSHOT)
     drain(svc, sid)
-    _beat_long_ago(svc)
+    beat_long_ago(svc)
     hosts.recover_lost_hosts(svc)
     s = load_session(svc, sid)
     assert s.lifecycle_state == "failed" and s.snapshot_url is None

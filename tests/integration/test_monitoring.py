@@ -24,8 +24,8 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.factories import Caller
-from tests.integration.conftest import create
+from tests.support.api import create
+from tests.support.factories import Caller
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "docs" / "monitoring"

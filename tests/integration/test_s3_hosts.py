@@ -11,16 +11,12 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from tests.integration.test_hosts import _beat_long_ago
-from tests.integration.test_lifecycle_service import _create, _drain, _kick, _session
-from tests.s3 import MotoS3
-from worker.celery_app import create_celery
-from worker.config import get_settings
-from worker.db.engine import get_sessionmaker
+from tests.support.drains import drain
+from tests.support.lifecycle import beat_long_ago, make_service, service_settings
+from tests.support.s3 import MotoS3
+from tests.support.sessions import kick, load_session, new_session
 from worker.db.models import SessionRecord
 from worker.domain.lifecycle import RunKind
-from worker.providers.broker import CeleryPublisher
-from worker.providers.registry import build_providers
 from worker.providers.s3_snapshots import S3SnapshotStore
 from worker.routing import host_queue, queue_for
 from worker.services import hosts, sessions, sweeps
@@ -29,22 +25,13 @@ from worker.task_names import DEFAULT_QUEUE
 
 
 def _host(name: str, tmp_path: Path, s3: MotoS3, bucket: str) -> LifecycleService:
-    settings = get_settings().model_copy(
-        update={
-            "data_dir": tmp_path / name,
-            "fault_plan": tmp_path / "faults.json",
-            "snapshot_store": f"s3://{bucket}/snapshots",
-            "s3_endpoint_url": s3.endpoint_url,
-            "task_max_retries": 2,
-        }
+    settings = service_settings(
+        tmp_path / name,
+        fault_plan=tmp_path / "faults.json",
+        snapshot_store=f"s3://{bucket}/snapshots",
+        s3_endpoint_url=s3.endpoint_url,
     )
-    return LifecycleService(
-        settings,
-        get_sessionmaker(),
-        build_providers(settings),
-        CeleryPublisher(create_celery(settings)),
-        hostname_queue=host_queue(f"{name}-{uuid.uuid4().hex[:6]}"),
-    )
+    return make_service(settings, hostname_queue=host_queue(f"{name}-{uuid.uuid4().hex[:6]}"))
 
 
 @pytest.fixture
@@ -65,24 +52,24 @@ def _store(svc: LifecycleService) -> S3SnapshotStore:
 
 
 def _workdir(svc: LifecycleService, sid: uuid.UUID) -> Path:
-    return Path(_session(svc, sid).sandbox_state["workdir"])
+    return Path(load_session(svc, sid).sandbox_state["workdir"])
 
 
 def test_a_session_hibernated_on_one_host_resumes_on_another(
     two_hosts: tuple[LifecycleService, LifecycleService],
 ) -> None:
     a, b = two_hosts
-    sid = _create(a)
-    assert _drain(a, sid) == ["succeeded", "succeeded"]  # provision, start on A
-    state = _session(a, sid).sandbox_state
+    sid = new_session(a)
+    assert drain(a, sid) == ["succeeded", "succeeded"]  # provision, start on A
+    state = load_session(a, sid).sandbox_state
     assert (state["queue"], state["host"]) == (a.queue, a.queue.split(".host.")[1])
     work_a = _workdir(a, sid)
     (work_a / "untracked.txt").write_bytes(b"untracked \x00\xff bytes\n")
     (work_a / "README.md").write_text("changed, not committed\n")
 
-    _kick(a, sid, RunKind.HIBERNATE)
-    assert _drain(a, sid) == ["succeeded"]
-    s = _session(a, sid)
+    kick(a, sid, RunKind.HIBERNATE)
+    assert drain(a, sid) == ["succeeded"]
+    s = load_session(a, sid)
     assert s.lifecycle_state == "hibernated"
     assert s.snapshot_url and s.snapshot_url.startswith(f"s3://{_store(a).bucket}/snapshots/")
     head = _store(a).client.head_object(
@@ -94,9 +81,9 @@ def test_a_session_hibernated_on_one_host_resumes_on_another(
     assert queue_for("start", s.sandbox_state) == DEFAULT_QUEUE
     assert not work_a.exists()
 
-    _kick(a, sid, RunKind.START)
-    assert _drain(b, sid) == ["succeeded"]  # host B took the start from the default queue
-    s = _session(b, sid)
+    kick(a, sid, RunKind.START)
+    assert drain(b, sid) == ["succeeded"]  # host B took the start from the default queue
+    s = load_session(b, sid)
     assert s.lifecycle_state == "active"
     assert (s.sandbox_state["queue"], s.sandbox_state["host"]) == (
         b.queue,
@@ -114,24 +101,24 @@ def test_a_lost_hosts_session_resumes_on_another_host_from_its_checkpoint(
     two_hosts: tuple[LifecycleService, LifecycleService],
 ) -> None:
     a, b = two_hosts
-    sid = _create(a)
-    _drain(a, sid)
+    sid = new_session(a)
+    drain(a, sid)
     work_a = _workdir(a, sid)
     (work_a / "kept.txt").write_text("in the checkpoint\n")
-    _kick(a, sid, RunKind.SNAPSHOT)
-    assert _drain(a, sid) == ["succeeded"]
+    kick(a, sid, RunKind.SNAPSHOT)
+    assert drain(a, sid) == ["succeeded"]
     (work_a / "lost.txt").write_text("after the checkpoint\n")
-    _beat_long_ago(a)
+    beat_long_ago(a)
     assert hosts.recover_lost_hosts(b) == {"lost": 1, "sessions": 1}
-    s = _session(b, sid)
+    s = load_session(b, sid)
     assert s.lifecycle_state == "hibernated" and s.snapshot_url
     assert "work done after that snapshot is gone" in (s.lifecycle_error or "")
 
-    _kick(b, sid, RunKind.START)
-    assert queue_for("start", _session(b, sid).sandbox_state) == DEFAULT_QUEUE
-    assert _drain(b, sid) == ["succeeded"]
+    kick(b, sid, RunKind.START)
+    assert queue_for("start", load_session(b, sid).sandbox_state) == DEFAULT_QUEUE
+    assert drain(b, sid) == ["succeeded"]
     work_b = _workdir(b, sid)
-    assert _session(b, sid).sandbox_state["queue"] == b.queue
+    assert load_session(b, sid).sandbox_state["queue"] == b.queue
     assert (work_b / "kept.txt").read_text() == "in the checkpoint\n"
     assert not (work_b / "lost.txt").exists()
 
@@ -141,13 +128,13 @@ def test_superseded_and_expired_snapshots_are_deleted_from_the_bucket(
 ) -> None:
     a, _ = two_hosts
     store = _store(a)
-    sid = _create(a)
-    _drain(a, sid)
+    sid = new_session(a)
+    drain(a, sid)
     for _ in range(3):  # each checkpoint replaces the one before
-        _kick(a, sid, RunKind.SNAPSHOT)
-        assert _drain(a, sid) == ["succeeded"]
+        kick(a, sid, RunKind.SNAPSHOT)
+        assert drain(a, sid) == ["succeeded"]
     assert store.count() == 1
-    url = _session(a, sid).snapshot_url
+    url = load_session(a, sid).snapshot_url
     assert url is not None
 
     with a.factory.begin() as db:
@@ -156,7 +143,7 @@ def test_superseded_and_expired_snapshots_are_deleted_from_the_bucket(
         sessions.patch_session(
             db, a.settings, s, sessions.SessionPatch(status=sessions.SessionStatus.ARCHIVED)
         )
-    _drain(a, sid)
+    drain(a, sid)
     assert store.count() == 1  # archived, kept for the retention
     with a.factory.begin() as db:
         db.execute(
@@ -165,7 +152,7 @@ def test_superseded_and_expired_snapshots_are_deleted_from_the_bucket(
             .values(archived_at=datetime.now(UTC) - timedelta(days=31))
         )
     assert sweeps.expire_snapshots(a) == {"deleted": 1}
-    assert _session(a, sid).snapshot_url is None
+    assert load_session(a, sid).snapshot_url is None
     assert store.count() == 0
     listing = store.client.list_objects_v2(Bucket=store.bucket)
     assert listing.get("KeyCount", 0) == 0  # the checksum records went too

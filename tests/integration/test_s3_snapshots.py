@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.s3 import MotoS3
+from tests.support.s3 import MotoS3
 from tests.unit.test_file_snapshots import (
     MALICIOUS,
     _assert_nothing_written,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.bwrap import searchable, uid_processes
 from worker.providers.base import PermanentProviderError
 from worker.providers.bwrap import (
     CommandLimits,
@@ -34,16 +35,9 @@ SECRET = "sk-test-FAKE-SECRET-0123456789abcdef"
 LIMITS = CommandLimits(wall_seconds=60, cpu_seconds=60, disk_check_seconds=0.5)
 
 
-def _searchable(path: Path) -> None:
-    """pytest's temporary directories are 0700; sandbox uids must be able to pass them
-    (as they must pass every directory above a real data directory)."""
-    for parent in (path, *path.parents):
-        parent.chmod(parent.stat().st_mode | 0o001)
-
-
 @pytest.fixture
 def provider(bwrap: str, tmp_path: Path) -> Iterator[BwrapSandboxProvider]:
-    _searchable(tmp_path)
+    searchable(tmp_path)
     sandboxes = BwrapSandboxProvider(tmp_path / "data" / "sandboxes", limits=LIMITS, bwrap=bwrap)
     yield sandboxes
     for name in ("box-a", "box-b"):
@@ -71,23 +65,6 @@ def _text(result: CommandResult) -> str:
 @pytest.fixture
 def box(provider: BwrapSandboxProvider) -> Path:
     return _make(provider, "box-a")
-
-
-def _uid_processes(uid: int) -> list[int]:
-    """Live processes of host uid ``uid`` (zombies are dead already: they wait for the
-    host's init to reap them, holding nothing)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            owner = entry.stat().st_uid
-            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if owner == uid and state not in ("Z", "X"):
-            pids.append(int(entry.name))
-    return pids
 
 
 # ------------------------------------------------------------------ the basics
@@ -293,7 +270,7 @@ def test_a_fork_bomb_hits_the_process_limit(provider: BwrapSandboxProvider, box:
     assert b"fork: retry: Resource temporarily unavailable" in bomb.stderr
     user = provider.user_for("box-a")
     if user is not None:
-        assert _uid_processes(user.uid) == []
+        assert uid_processes(user.uid) == []
 
 
 def test_a_memory_hog_is_refused(provider: BwrapSandboxProvider, box: Path) -> None:
@@ -352,7 +329,7 @@ def test_processes_end_with_their_command_and_with_the_sandbox(
     _sh(provider, "setsid sleep 1000 < /dev/null > /dev/null 2>&1 & echo started")
     user = provider.user_for("box-a")
     if user is not None:
-        assert _uid_processes(user.uid) == []
+        assert uid_processes(user.uid) == []
     # A running command ends when the sandbox's processes are stopped (hibernate).
     results: list[CommandResult] = []
     runner = threading.Thread(target=lambda: results.append(_sh(provider, "sleep 1000")))
@@ -366,7 +343,7 @@ def test_processes_end_with_their_command_and_with_the_sandbox(
     assert results and results[0].signal == 9
     assert provider.runtime.running("box-a") == []
     if user is not None:
-        assert _uid_processes(user.uid) == []
+        assert uid_processes(user.uid) == []
 
 
 def test_sandboxes_get_distinct_uids_released_on_stop(provider: BwrapSandboxProvider) -> None:
@@ -385,7 +362,7 @@ def test_without_own_uids_commands_are_still_confined(
 ) -> None:
     """The path of a worker that is not root: the worker's own uid in a user namespace."""
     monkeypatch.setenv("LIFECYCLE_GITHUB_TOKEN", SECRET)
-    _searchable(tmp_path)
+    searchable(tmp_path)
     sandboxes = BwrapSandboxProvider(tmp_path / "sb", limits=LIMITS, bwrap=bwrap, own_uids=False)
     _make(sandboxes, "box-a")
     result = _sh(sandboxes, "id -u; grep CapEff /proc/self/status; cat /proc/1/environ; ls /")

@@ -11,16 +11,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_lifecycle_service import _create, _drain, _kick, _session
-from tests.security.test_bwrap_isolation import _searchable, _uid_processes
-from worker.celery_app import create_celery
+from tests.support.bwrap import searchable, uid_processes
+from tests.support.drains import drain
+from tests.support.lifecycle import make_service
+from tests.support.sessions import kick, load_session, new_session
 from worker.config import get_settings
-from worker.db.engine import get_sessionmaker
 from worker.domain.lifecycle import RunKind, sandbox_name
-from worker.providers.broker import CeleryPublisher
 from worker.providers.bwrap import CommandResult, CommandSpec
 from worker.providers.bwrap_sandbox import BwrapSandboxProvider
-from worker.providers.registry import build_providers
 from worker.services.lifecycle import LifecycleService
 
 
@@ -28,16 +26,11 @@ from worker.services.lifecycle import LifecycleService
 def bsvc(
     bwrap: str, db_clean: dict[str, str], redis_client: Any, tmp_path: Path
 ) -> LifecycleService:
-    _searchable(tmp_path)
+    searchable(tmp_path)
     settings = get_settings().model_copy(
         update={"data_dir": tmp_path, "sandbox_provider": "bwrap", "command_timeout_seconds": 60}
     )
-    return LifecycleService(
-        settings,
-        get_sessionmaker(),
-        build_providers(settings),
-        CeleryPublisher(create_celery(settings)),
-    )
+    return make_service(settings)
 
 
 def _run(svc: LifecycleService, sid: uuid.UUID, *argv: str) -> CommandResult:
@@ -52,9 +45,9 @@ def test_the_settings_pick_the_bwrap_provider(bsvc: LifecycleService) -> None:
 
 
 def test_commands_work_in_a_real_session_and_survive_hibernate(bsvc: LifecycleService) -> None:
-    sid = _create(bsvc)
-    assert _drain(bsvc, sid) == ["succeeded", "succeeded"]  # provision, start
-    state = _session(bsvc, sid).sandbox_state
+    sid = new_session(bsvc)
+    assert drain(bsvc, sid) == ["succeeded", "succeeded"]  # provision, start
+    state = load_session(bsvc, sid).sandbox_state
     assert state["type"] == "bwrap" and state["confined"] is True
 
     status = _run(bsvc, sid, "git", "status", "--short", "--branch")
@@ -63,9 +56,9 @@ def test_commands_work_in_a_real_session_and_survive_hibernate(bsvc: LifecycleSe
     made = _run(bsvc, sid, "python3", "-c", "open('made.txt', 'w').write('by the agent\\n')")
     assert made.exit_code == 0, made.stderr
 
-    _kick(bsvc, sid, RunKind.DIFF)
-    assert _drain(bsvc, sid) == ["succeeded"]
-    diff = _session(bsvc, sid).cached_diff
+    kick(bsvc, sid, RunKind.DIFF)
+    assert drain(bsvc, sid) == ["succeeded"]
+    diff = load_session(bsvc, sid).cached_diff
     assert diff is not None and "made.txt" in {f["path"] for f in diff["files"]}
 
     # A long command is running when the session hibernates: it ends, nothing is left.
@@ -81,15 +74,15 @@ def test_commands_work_in_a_real_session_and_survive_hibernate(bsvc: LifecycleSe
         if sandbox.runtime.running(sandbox_name(sid)):
             break
         threading.Event().wait(0.02)
-    _kick(bsvc, sid, RunKind.HIBERNATE)
-    assert _drain(bsvc, sid) == ["succeeded"]
+    kick(bsvc, sid, RunKind.HIBERNATE)
+    assert drain(bsvc, sid) == ["succeeded"]
     runner.join(timeout=60)
     assert results and results[0].signal == 9
-    assert _session(bsvc, sid).lifecycle_state == "hibernated"
+    assert load_session(bsvc, sid).lifecycle_state == "hibernated"
     if user is not None:
-        assert _uid_processes(user.uid) == []
+        assert uid_processes(user.uid) == []
 
-    _kick(bsvc, sid, RunKind.START)
-    assert _drain(bsvc, sid) == ["succeeded"]
+    kick(bsvc, sid, RunKind.START)
+    assert drain(bsvc, sid) == ["succeeded"]
     again = _run(bsvc, sid, "cat", "made.txt")
     assert again.exit_code == 0 and again.stdout == b"by the agent\n"

@@ -10,6 +10,10 @@
 - :mod:`~tests.support.api`: the in-process HTTP API's create call and error body.
 - :mod:`~tests.support.stack`: the end-to-end stack of real processes, driven over HTTP.
 - :mod:`~tests.support.hostile`: hooks and git config an agent could plant in a sandbox.
+- :mod:`~tests.support.bwrap`: temporary directories sandbox uids can pass; their processes.
+- :mod:`~tests.support.trees`: working trees compared byte for byte; git run in them.
+- :mod:`~tests.support.s3`: a real S3 API (moto in server mode); a pytest plugin whose
+  ``s3_server`` / ``s3_bucket`` fixtures ``tests/conftest.py`` loads.
 
 Fixtures stay in the ``conftest.py`` files; what they build comes from here.
 """

@@ -31,10 +31,12 @@ def make_service(
     *,
     factory: sessionmaker[Session] | None = None,
     publish: bool = True,
+    hostname_queue: str | None = None,
 ) -> LifecycleService:
     """A :class:`LifecycleService` on ``settings`` (default: the run's), ``factory``
     (default: the run's session factory) and the providers the settings name; it
-    publishes through Celery unless ``publish`` is false."""
+    publishes through Celery unless ``publish`` is false. ``hostname_queue`` names the
+    queue of the worker host it plays (default: this machine's)."""
     from worker.celery_app import create_celery
     from worker.config import get_settings
     from worker.db.engine import get_sessionmaker
@@ -48,4 +50,28 @@ def make_service(
         factory or get_sessionmaker(),
         build_providers(settings),
         CeleryPublisher(create_celery(settings)) if publish else None,
+        hostname_queue=hostname_queue,
     )
+
+
+def host_of(svc: LifecycleService) -> str:
+    """The worker host name the service plays (its host queue without the prefix)."""
+    return svc.queue.removeprefix("lifecycle.host.")
+
+
+def beat_long_ago(svc: LifecycleService, seconds: int = 3600) -> None:
+    """Record a heartbeat of the service's host, then move it ``seconds`` into the past
+    (the host looks lost to ``hosts.recover_lost_hosts``)."""
+    from sqlalchemy import text
+
+    from worker.services import hosts
+
+    with svc.factory.begin() as db:
+        hosts.beat(db, host_of(svc), svc.queue)
+        db.execute(
+            text(
+                "UPDATE worker_hosts SET last_beat_at = now() - make_interval(secs => :s)"
+                " WHERE hostname = :h"
+            ),
+            {"s": seconds, "h": host_of(svc)},
+        )
