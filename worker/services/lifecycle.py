@@ -65,12 +65,6 @@ log = get_logger(__name__)
 S = SessionRecord
 ACTIVE = LifecycleState.ACTIVE.value
 
-#: A delivery keeps its connection between its transactions unless it sat idle longer
-#: than this (a long provider call): then it checks one out again, so the pool's
-#: pre-ping replaces a connection the server dropped meanwhile.
-CONNECTION_REUSE_SECONDS = 1.0
-
-
 @dataclass
 class Outcome:
     """What a delivery did. ``retry_in`` is set when the caller should retry later."""
