@@ -44,6 +44,7 @@ from worker.domain.lifecycle import RunKind, SessionStatus
 from worker.errors import InvalidInput, PreconditionFailed
 from worker.services import accounts, idempotency, outbox, runs, sessions
 from worker.services.views import cached_diff, chat_dict, run_dict, session_dict
+from worker.services import events as kick_events
 
 router = APIRouter(prefix="/api/sessions", tags=["sessions"])
 
@@ -318,6 +319,7 @@ def _kick(
     with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
         result = runs.request_run(db, record, kind, "api", force=force, force_hint="?force=true")
+        kick_events.kicked(db, record, kind, result, force=force)
         payload = {"session": session_dict(record), "run": run_dict(result.run)}
     _publish(request, result.outbox)
     return JSONResponse(payload, status_code=202)

@@ -235,6 +235,9 @@ class LifecycleRunRecord(Base):
     to_version: Mapped[int | None] = mapped_column(Integer)
     task_id: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
+    # Why the run was asked for ("idle for 1800 s", "hibernate requested by key slk_…"),
+    # set on insert by a trigger unless the writer gives one (migration 0007).
+    reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
