@@ -23,6 +23,15 @@ depends_on: str | Sequence[str] | None = None
 _FANOUT = """
 CREATE FUNCTION webhook_fanout() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- The common case, no webhook of the owner or its organization: two index probes.
+    IF NOT EXISTS (SELECT 1 FROM webhooks WHERE account_id = NEW.user_id)
+       AND (NEW.organization_id IS NULL OR NOT EXISTS (
+           SELECT 1 FROM webhooks WHERE account_id = NEW.organization_id
+           UNION ALL
+           SELECT 1 FROM webhooks AS w JOIN org_memberships AS m ON m.account_id = w.account_id
+           WHERE m.org_id = NEW.organization_id)) THEN
+        RETURN NULL;
+    END IF;
     WITH d AS (
         INSERT INTO webhook_deliveries (webhook_id, event_id, state, attempts,
             next_attempt_at, created_at, updated_at)
