@@ -82,6 +82,7 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "task": SWEEP_WEBHOOK_RETRIES,
             "schedule": settings.webhook_sweep_interval_seconds,
         },
+        SWEEP_RETENTION: {"task": SWEEP_RETENTION, "schedule": settings.retention_interval_seconds},
         SWEEP_EXPIRE_SNAPSHOTS: {"task": SWEEP_EXPIRE_SNAPSHOTS, "schedule": 24 * 3600.0},
         # A quarter of the silence that declares a host lost: detected within 1.25x.
         SWEEP_LOST_HOSTS: {

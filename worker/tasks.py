@@ -24,7 +24,7 @@ from worker.domain.lifecycle import OutcomeStatus, RunKind
 from worker.logging import configure_logging, get_logger
 from worker.providers.broker import CeleryPublisher, survive_broker_loss
 from worker.providers.registry import build_providers
-from worker.services import hosts, sweeps, webhooks
+from worker.services import hosts, retention, sweeps, webhooks
 from worker.services.lifecycle import LifecycleService
 from worker.task_names import (
     SWEEP_CHECKPOINTS,
@@ -33,6 +33,7 @@ from worker.task_names import (
     SWEEP_LOST_HOSTS,
     SWEEP_REAP_RUNS,
     SWEEP_RELAY_OUTBOX,
+    SWEEP_RETENTION,
     SWEEP_WEBHOOK_RETRIES,
     TASK_ARCHIVE,
     TASK_COMMAND,
@@ -266,3 +267,9 @@ def webhook_deliver(self: Task, delivery_id: int) -> dict[str, Any]:
 def webhook_retries() -> dict[str, Any]:
     """Queue webhook deliveries whose next attempt is due."""
     return _sweep(SWEEP_WEBHOOK_RETRIES, webhooks.retry_due)
+
+
+@app.task(name=SWEEP_RETENTION)
+def retention_sweep() -> dict[str, Any]:
+    """Archive hibernated sessions left untouched; empty archived ones past retention."""
+    return _sweep(SWEEP_RETENTION, retention.sweep)
