@@ -132,3 +132,23 @@ def test_org_sessions_count_against_the_org(client: TestClient, caller: Caller) 
     stranger = make_caller("Eve")
     r = client.post("/api/sessions", json={"organizationId": str(org)}, headers=stranger.headers)
     assert_error(r, 403, "Access denied to specified organization_id")
+
+
+def test_the_cli_sets_and_clears_an_accounts_limits(caller: Caller) -> None:
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    runner = CliRunner()
+    account = str(caller.account_id)
+    result = runner.invoke(
+        app, ["accounts", "limits", "--account", account, "--max-active-sandboxes", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert sql("SELECT max_active_sandboxes, max_sessions FROM accounts WHERE id = :a", a=account)[
+        0
+    ] == (2, None)
+    assert runner.invoke(app, ["accounts", "limits", "--account", account]).exit_code == 0
+    assert sql("SELECT max_active_sandboxes FROM accounts WHERE id = :a", a=account)[0][0] is None
+    missing = runner.invoke(app, ["accounts", "limits", "--account", str(uuid.uuid4())])
+    assert missing.exit_code != 0
