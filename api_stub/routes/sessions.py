@@ -43,8 +43,8 @@ from worker.db.models import OutboxRecord
 from worker.domain.lifecycle import RunKind, SessionStatus
 from worker.errors import InvalidInput, PreconditionFailed
 from worker.services import accounts, idempotency, outbox, quotas, retention, runs, sessions
-from worker.services.views import cached_diff, chat_dict, run_dict, session_dict
 from worker.services import events as kick_events
+from worker.services.views import cached_diff, chat_dict, run_dict, session_dict
 
 router = APIRouter(prefix="/api/sessions", tags=["sessions"])
 

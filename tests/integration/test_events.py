@@ -331,3 +331,28 @@ def test_an_event_committed_after_a_later_one_is_not_skipped(
             c = events.append(db, "test.later", reason="C", account_id=caller.account_id)
         assert feed(b) == [c]
     elsewhere.dispose()
+
+
+def test_a_commands_life_is_told_without_its_argv_or_env(
+    client: TestClient, caller: Caller
+) -> None:
+    sid = create(client, caller)["session"]["id"]
+    cid = str(uuid.uuid4())
+    sql_exec(
+        "INSERT INTO commands (id, session_id, argv, cwd, env, timeout_seconds, status)"
+        " VALUES (:id, :sid, CAST(:argv AS jsonb), '/workspace', CAST(:env AS jsonb), 5, 'queued')",
+        id=cid,
+        sid=sid,
+        argv='["echo", "hunter2"]',
+        env='{"TOKEN": "s3cret"}',
+    )
+    sql_exec("UPDATE commands SET status = 'running' WHERE id = :id", id=cid)
+    sql_exec("UPDATE commands SET status = 'exited', exit_code = 3 WHERE id = :id", id=cid)
+    found = [e for e in _events(client, caller, sid) if e["type"].startswith("command.")]
+    assert [(e["type"], e["reason"]) for e in found] == [
+        ("command.queued", "command requested"),
+        ("command.running", "command started"),
+        ("command.exited", "exited with code 3"),
+    ]
+    assert found[-1]["data"] == {"commandId": cid, "exitCode": 3, "killedBy": None}
+    assert "hunter2" not in str(found) and "s3cret" not in str(found)

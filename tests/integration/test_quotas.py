@@ -137,7 +137,7 @@ def test_org_sessions_count_against_the_org(client: TestClient, caller: Caller) 
 def test_the_cli_sets_and_clears_an_accounts_limits(caller: Caller) -> None:
     from typer.testing import CliRunner
 
-    from worker.cli import app
+    from worker.ops.cli import app
 
     runner = CliRunner()
     account = str(caller.account_id)

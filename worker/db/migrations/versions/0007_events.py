@@ -161,6 +161,31 @@ BEGIN
 END $$
 """
 
+# A command's life (migration 0006): queued, running, and how it ended. Never its argv,
+# env or output (they may carry the caller's secrets).
+_COMMAND_EVENT = """
+CREATE FUNCTION lifecycle_command_event() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    s sessions;
+    why text;
+BEGIN
+    SELECT * INTO s FROM sessions WHERE id = NEW.session_id;
+    why := CASE NEW.status
+        WHEN 'queued' THEN coalesce('command requested by ' || lifecycle_actor(), 'command requested')
+        WHEN 'running' THEN 'command started'
+        WHEN 'exited' THEN format('exited with code %s', NEW.exit_code)
+        WHEN 'killed' THEN 'killed by ' || coalesce(NEW.killed_by,
+            CASE WHEN NEW.signal IS NOT NULL THEN format('signal %s', NEW.signal) END, 'a signal')
+        WHEN 'failed' THEN coalesce(NEW.error, 'failed')
+        ELSE NEW.status END;
+    INSERT INTO events (type, session_id, user_id, organization_id, version, reason, data)
+    VALUES ('command.' || NEW.status, s.id, s.user_id, s.organization_id, s.lifecycle_version,
+            why, jsonb_build_object('commandId', NEW.id, 'exitCode', NEW.exit_code,
+                                    'killedBy', NEW.killed_by));
+    RETURN NULL;
+END $$
+"""
+
 _TRIGGERS = [
     """CREATE TRIGGER lifecycle_runs_reason BEFORE INSERT ON lifecycle_runs
        FOR EACH ROW WHEN (NEW.reason IS NULL) EXECUTE FUNCTION lifecycle_run_reason()""",
@@ -174,6 +199,11 @@ _TRIGGERS = [
     """CREATE TRIGGER sessions_changed AFTER UPDATE OF lifecycle_state ON sessions
        FOR EACH ROW WHEN (OLD.lifecycle_state IS DISTINCT FROM NEW.lifecycle_state)
        EXECUTE FUNCTION lifecycle_session_event()""",
+    """CREATE TRIGGER commands_inserted AFTER INSERT ON commands
+       FOR EACH ROW EXECUTE FUNCTION lifecycle_command_event()""",
+    """CREATE TRIGGER commands_changed AFTER UPDATE OF status ON commands
+       FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+       EXECUTE FUNCTION lifecycle_command_event()""",
     """CREATE TRIGGER chats_stream_changed AFTER UPDATE OF active_stream_id ON chats
        FOR EACH ROW WHEN (OLD.active_stream_id IS DISTINCT FROM NEW.active_stream_id)
        EXECUTE FUNCTION lifecycle_chat_event()""",
@@ -220,12 +250,22 @@ def upgrade() -> None:
         postgresql_where=sa.text("organization_id IS NOT NULL"),
     )
     op.add_column("lifecycle_runs", sa.Column("reason", sa.Text(), nullable=True))
-    for ddl in (_ACTOR, _RUN_REASON, _RUN_EVENT, _SESSION_EVENT, _CHAT_EVENT, *_TRIGGERS):
+    for ddl in (
+        _ACTOR,
+        _RUN_REASON,
+        _RUN_EVENT,
+        _SESSION_EVENT,
+        _CHAT_EVENT,
+        _COMMAND_EVENT,
+        *_TRIGGERS,
+    ):
         op.execute(ddl)
 
 
 def downgrade() -> None:
     for table, trigger in (
+        ("commands", "commands_changed"),
+        ("commands", "commands_inserted"),
         ("chats", "chats_stream_changed"),
         ("sessions", "sessions_changed"),
         ("sessions", "sessions_inserted"),
@@ -235,6 +275,7 @@ def downgrade() -> None:
     ):
         op.execute(f"DROP TRIGGER {trigger} ON {table}")
     for fn in (
+        "lifecycle_command_event",
         "lifecycle_chat_event",
         "lifecycle_session_event",
         "lifecycle_run_event",
