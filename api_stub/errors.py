@@ -32,7 +32,10 @@ def _is_db_unavailable(exc: BaseException) -> bool:
 def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def domain_error(_: Request, exc: DomainError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, **exc.extra)
+        response = error_response(exc.status_code, exc.message, **exc.extra)
+        if exc.extra.get("retryAfterSeconds") is not None:  # a quota (429)
+            response.headers["Retry-After"] = str(exc.extra["retryAfterSeconds"])
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -36,6 +36,14 @@ class SessionCreate(CamelModel):
     max_lifetime_seconds: int | None = Field(
         default=None, ge=1, description="Maximum sandbox lifetime (operator default: null)."
     )
+    auto_archive_after_seconds: int | None = Field(
+        default=None, ge=1, description="Archive once hibernated and untouched this long."
+    )
+    auto_delete_after_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description="Delete snapshots and sandbox data this long after archiving.",
+    )
 
 
 class SessionUpdate(CamelModel):
@@ -47,6 +55,8 @@ class SessionUpdate(CamelModel):
     lines_removed: int | None = Field(default=None, ge=0)
     idle_timeout_seconds: int | None = Field(default=None, ge=1)
     max_lifetime_seconds: int | None = Field(default=None, ge=1)
+    auto_archive_after_seconds: int | None = Field(default=None, ge=1)
+    auto_delete_after_seconds: int | None = Field(default=None, ge=1)
 
 
 class SessionRead(CamelModel):
@@ -81,6 +91,9 @@ class SessionRead(CamelModel):
     lifecycle_state: str
     idle_timeout_seconds: int | None
     max_lifetime_seconds: int | None
+    auto_archive_after_seconds: int | None
+    auto_delete_after_seconds: int | None
+    deleted_at: datetime | None
 
 
 class ChatRead(CamelModel):

@@ -71,7 +71,7 @@ def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 
 TABLES = (
     "outbox, idempotency_keys, lifecycle_runs, chats, sessions, api_keys, org_memberships,"
-    " accounts, worker_hosts"
+    " accounts, worker_hosts, events, webhook_attempts, webhook_deliveries, webhooks"
 )
 
 

@@ -20,6 +20,8 @@ from worker.task_names import (  # noqa: F401 -- re-exported: the names Celery u
     SWEEP_LOST_HOSTS,
     SWEEP_REAP_RUNS,
     SWEEP_RELAY_OUTBOX,
+    SWEEP_RETENTION,
+    SWEEP_WEBHOOK_RETRIES,
     TASK_ARCHIVE,
     TASK_DIFF,
     TASK_HIBERNATE,
@@ -76,6 +78,11 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "schedule": settings.relay_interval_seconds,
         },
         SWEEP_REAP_RUNS: {"task": SWEEP_REAP_RUNS, "schedule": settings.reap_interval_seconds},
+        SWEEP_WEBHOOK_RETRIES: {
+            "task": SWEEP_WEBHOOK_RETRIES,
+            "schedule": settings.webhook_sweep_interval_seconds,
+        },
+        SWEEP_RETENTION: {"task": SWEEP_RETENTION, "schedule": settings.retention_interval_seconds},
         SWEEP_EXPIRE_SNAPSHOTS: {"task": SWEEP_EXPIRE_SNAPSHOTS, "schedule": 24 * 3600.0},
         # A quarter of the silence that declares a host lost: detected within 1.25x.
         SWEEP_LOST_HOSTS: {

@@ -111,6 +111,28 @@ class Settings(BaseSettings):
     sandbox_uid_base: int = Field(default=2_000_000, gt=0)
     sandbox_uid_count: int = Field(default=1_000_000, gt=0)
 
+    # Webhooks (issue 16). Private, loopback and link-local targets are refused unless
+    # allowed (tests allow loopback). A failed delivery is retried after each of
+    # webhook_retry_seconds in turn (about a day in all); an endpoint failing for
+    # webhook_disable_after_seconds is disabled.
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = Field(default=10, gt=0)
+    webhook_retry_seconds: list[float] = Field(
+        default=[5, 300, 1800, 7200, 18000, 36000, 36000], min_length=1
+    )
+    webhook_disable_after_seconds: float = Field(default=24 * 3600, gt=0)
+    webhook_sweep_interval_seconds: float = Field(default=5, gt=0)
+    # Retention (issue 16): hibernated sessions untouched this long are archived, and
+    # archived ones this long after archiving lose their snapshots and sandbox data
+    # (None: never). Sessions may override both.
+    auto_archive_after_seconds: int | None = Field(default=None, gt=0)
+    auto_delete_after_seconds: int | None = Field(default=None, gt=0)
+    retention_interval_seconds: float = Field(default=60, gt=0)
+    # Quotas (issue 16): per account (the organization for an org session), unless the
+    # account has its own (None: no limit).
+    max_active_sandboxes: int | None = Field(default=None, ge=0)
+    max_sessions: int | None = Field(default=None, ge=0)
+
     log_level: str = "INFO"
     log_json: bool | None = None  # None: JSON when stderr is not a TTY
 

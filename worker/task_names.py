@@ -19,6 +19,12 @@ SWEEP_REAP_RUNS = "sweeps.reap_runs"
 SWEEP_EXPIRE_SNAPSHOTS = "sweeps.expire_snapshots"
 SWEEP_LOST_HOSTS = "sweeps.lost_hosts"
 SWEEP_CHECKPOINTS = "sweeps.checkpoints"
+SWEEP_WEBHOOK_RETRIES = "sweeps.webhook_retries"
+SWEEP_RETENTION = "sweeps.retention"
+
+#: Delivers one webhook delivery (written with its outbox job by the trigger of
+#: migration 0008, which names this task and the default queue).
+TASK_WEBHOOK_DELIVER = "lifecycle.webhook_deliver"
 
 DEFAULT_QUEUE = "lifecycle"
 

@@ -24,7 +24,7 @@ from worker.domain.lifecycle import OutcomeStatus, RunKind
 from worker.logging import configure_logging, get_logger
 from worker.providers.broker import CeleryPublisher, survive_broker_loss
 from worker.providers.registry import build_providers
-from worker.services import hosts, sweeps
+from worker.services import hosts, retention, sweeps, webhooks
 from worker.services.lifecycle import LifecycleService
 from worker.task_names import (
     SWEEP_CHECKPOINTS,
@@ -33,6 +33,8 @@ from worker.task_names import (
     SWEEP_LOST_HOSTS,
     SWEEP_REAP_RUNS,
     SWEEP_RELAY_OUTBOX,
+    SWEEP_RETENTION,
+    SWEEP_WEBHOOK_RETRIES,
     TASK_ARCHIVE,
     TASK_COMMAND,
     TASK_DIFF,
@@ -40,6 +42,7 @@ from worker.task_names import (
     TASK_PROVISION,
     TASK_SNAPSHOT,
     TASK_START,
+    TASK_WEBHOOK_DELIVER,
 )
 
 log = get_logger(__name__)
@@ -238,3 +241,35 @@ def lost_hosts() -> dict[str, Any]:
 def checkpoints() -> dict[str, Any]:
     """Snapshot active sandboxes with activity since their last snapshot."""
     return _sweep(SWEEP_CHECKPOINTS, sweeps.checkpoint_active)
+
+
+@app.task(
+    name=TASK_WEBHOOK_DELIVER,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+)
+def webhook_deliver(self: Task, delivery_id: int) -> dict[str, Any]:
+    """One attempt of a webhook delivery (its retries are scheduled in the database)."""
+    svc = service()
+    with structlog.contextvars.bound_contextvars(delivery_id=delivery_id, task_id=self.request.id):
+        try:
+            outcome = webhooks.deliver(svc.factory, svc.settings, delivery_id)
+        except (OperationalError, InterfaceError, PoolTimeout) as exc:
+            delay = svc.backoff(self.request.retries + 1, None)
+            log.warning("webhook.database_unavailable", error=type(exc).__name__, retry_in=delay)
+            raise self.retry(countdown=delay, max_retries=None) from None
+    return {"outcome": outcome}
+
+
+@app.task(name=SWEEP_WEBHOOK_RETRIES)
+def webhook_retries() -> dict[str, Any]:
+    """Queue webhook deliveries whose next attempt is due."""
+    return _sweep(SWEEP_WEBHOOK_RETRIES, webhooks.retry_due)
+
+
+@app.task(name=SWEEP_RETENTION)
+def retention_sweep() -> dict[str, Any]:
+    """Archive hibernated sessions left untouched; empty archived ones past retention."""
+    return _sweep(SWEEP_RETENTION, retention.sweep)

@@ -42,7 +42,8 @@ from worker.db.engine import get_sessionmaker
 from worker.db.models import OutboxRecord
 from worker.domain.lifecycle import RunKind, SessionStatus
 from worker.errors import InvalidInput, PreconditionFailed
-from worker.services import accounts, idempotency, outbox, runs, sessions
+from worker.services import accounts, idempotency, outbox, quotas, retention, runs, sessions
+from worker.services import events as kick_events
 from worker.services.views import cached_diff, chat_dict, run_dict, session_dict
 
 router = APIRouter(prefix="/api/sessions", tags=["sessions"])
@@ -111,6 +112,14 @@ def _seconds_field(data: dict[str, Any], key: str) -> int | None:
     if value == 0:
         raise InvalidInput(f"{key} must be an integer >= 1", missing_fields=[key])
     return value
+
+
+def retention_fields(data: dict[str, Any]) -> tuple[int | None, int | None]:
+    """``autoArchiveAfterSeconds`` and ``autoDeleteAfterSeconds`` of a create or patch."""
+    return (
+        _seconds_field(data, "autoArchiveAfterSeconds"),
+        _seconds_field(data, "autoDeleteAfterSeconds"),
+    )
 
 
 def _json_body_doc(model: type[BaseModel]) -> dict[str, Any]:
@@ -183,6 +192,7 @@ def _create_session(
             idle_timeout_seconds=_seconds_field(data, "idleTimeoutSeconds"),
             max_lifetime_seconds=_seconds_field(data, "maxLifetimeSeconds"),
         )
+        keep = retention_fields(data)
         if create.title is not None and len(create.title.strip()) > settings.max_title_length:
             raise InvalidInput(
                 f"title must be at most {settings.max_title_length} characters",
@@ -209,6 +219,8 @@ def _create_session(
                 clone_url=repo_host.clone_url(owner, name),
                 sandbox_type=settings.sandbox_provider,
             )
+            quotas.check_create(db, settings, created.session)
+            retention.set_overrides(db, created.session, *keep)
             payload = {"session": session_dict(created.session), "chat": chat_dict(created.chat)}
             if idempotency_key is not None:
                 idempotency.finish(db, account, idempotency_key, 200, payload)
@@ -293,6 +305,7 @@ def patch_session(
         idle_timeout_seconds=_seconds_field(data, "idleTimeoutSeconds"),
         max_lifetime_seconds=_seconds_field(data, "maxLifetimeSeconds"),
     )
+    keep = retention_fields(data)
     with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
         if if_match is not None:
@@ -301,6 +314,7 @@ def patch_session(
             if "*" not in tags and current not in tags:
                 raise PreconditionFailed("Precondition failed: the session has changed")
         jobs = sessions.patch_session(db, settings, record, patch)
+        retention.set_overrides(db, record, *keep)
         result = session_dict(record)
     _publish(request, jobs)
     return JSONResponse({"session": result}, headers={"ETag": etag_of(result)})
@@ -317,7 +331,10 @@ def _kick(
 ) -> Response:
     with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
+        if kind is RunKind.START:
+            quotas.check_start(db, app_settings(request), record)
         result = runs.request_run(db, record, kind, "api", force=force, force_hint="?force=true")
+        kick_events.kicked(db, record, kind, result, force=force)
         payload = {"session": session_dict(record), "run": run_dict(result.run)}
     _publish(request, result.outbox)
     return JSONResponse(payload, status_code=202)

@@ -52,6 +52,9 @@ class AccountRecord(Base):
     name: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(20))  # person | organization
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    # Quotas of this account (NULL: the operator's default), see services/quotas.py.
+    max_active_sandboxes: Mapped[int | None] = mapped_column(Integer)
+    max_sessions: Mapped[int | None] = mapped_column(Integer)
 
 
 class OrgMembershipRecord(Base):
@@ -130,6 +133,11 @@ class SessionRecord(Base):
     # Per-session overrides of the operator's defaults (NULL: the default).
     idle_timeout_seconds: Mapped[int | None] = mapped_column(Integer)
     max_lifetime_seconds: Mapped[int | None] = mapped_column(Integer)
+    # Retention overrides (NULL: the operator's), and when auto-delete removed the
+    # session's snapshots and sandbox data (services/retention.py).
+    auto_archive_after_seconds: Mapped[int | None] = mapped_column(Integer)
+    auto_delete_after_seconds: Mapped[int | None] = mapped_column(Integer)
+    deleted_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)
     updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
 
@@ -155,6 +163,22 @@ class SessionRecord(Base):
             "ix_sessions_lease_expiry",
             "lease_expires_at",
             postgresql_where=text("lifecycle_run_id IS NOT NULL"),
+        ),
+        # Retention and quotas (migration 0009).
+        Index(
+            "ix_sessions_retention_hibernated",
+            "updated_at",
+            postgresql_where=text("lifecycle_state = 'hibernated' AND status <> 'archived'"),
+        ),
+        Index(
+            "ix_sessions_retention_archived",
+            "archived_at",
+            postgresql_where=text("lifecycle_state = 'archived'"),
+        ),
+        Index(
+            "ix_sessions_org",
+            "organization_id",
+            postgresql_where=text("organization_id IS NOT NULL"),
         ),
     )
 
@@ -235,6 +259,9 @@ class LifecycleRunRecord(Base):
     to_version: Mapped[int | None] = mapped_column(Integer)
     task_id: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
+    # Why the run was asked for ("idle for 1800 s", "hibernate requested by key slk_…"),
+    # set on insert by a trigger unless the writer gives one (migration 0007).
+    reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

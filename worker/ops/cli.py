@@ -152,7 +152,7 @@ def sweep(
     ],
 ) -> None:
     """Run one sweep once and print what it did."""
-    from worker.services import sweeps
+    from worker.services import retention, sweeps, webhooks
     from worker.tasks import service
 
     fns = {
@@ -160,6 +160,8 @@ def sweep(
         "relay_outbox": sweeps.relay_outbox,
         "reap_runs": sweeps.reap_runs,
         "expire_snapshots": sweeps.expire_snapshots,
+        "retention": retention.sweep,
+        "webhook_retries": webhooks.retry_due,
     }
     fn = fns.get(name.replace("sweeps.", "").replace("-", "_"))
     if fn is None:
@@ -181,6 +183,31 @@ def accounts_create(
         account = _domain(lambda: accounts.create_account(db, name, organization=org))
         account_id = str(account.id)
     typer.echo(json.dumps({"id": account_id}) if as_json else account_id)
+
+
+@accounts_app.command("limits")
+def accounts_limits(
+    account: Annotated[str, typer.Option("--account", help="Account id")],
+    max_active_sandboxes: Annotated[
+        int | None, typer.Option("--max-active-sandboxes", min=0, help="Omit: the default")
+    ] = None,
+    max_sessions: Annotated[
+        int | None, typer.Option("--max-sessions", min=0, help="Omit: the default")
+    ] = None,
+) -> None:
+    """Set ACCOUNT's own quotas (an option left out: the operator's default applies)."""
+    from worker.services import quotas
+
+    account_id = _uuid(account, "--account")
+    with _db() as db:
+        _domain(
+            lambda: quotas.set_limits(
+                db, account_id, active_sandboxes=max_active_sandboxes, sessions=max_sessions
+            )
+        )
+    typer.echo(
+        json.dumps({"maxActiveSandboxes": max_active_sandboxes, "maxSessions": max_sessions})
+    )
 
 
 @orgs_app.command("add-member")

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -17,6 +17,10 @@ from worker.db.models import AccountRecord, ApiKeyRecord, OrgMembershipRecord
 from worker.errors import InvalidInput, NotFound, Unauthorized
 
 KEY_PREFIX = "slk_"
+#: The transaction-local setting the event triggers read to say who acted.
+ACTOR_SETTING = "lifecycle.actor"
+#: Characters of a key shown to people (and stored as ``api_keys.prefix``).
+SHOWN_PREFIX = 10
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ def create_key(db: Session, account_id: uuid.UUID, *, expires_in: float | None =
         id=uuid.uuid4(),
         account_id=account_id,
         key_hash=hash_key(secret),
-        prefix=secret[:10],
+        prefix=secret[:SHOWN_PREFIX],
         created_at=now,
         expires_at=expires_at,
     )
@@ -95,6 +99,11 @@ def revoke_key(db: Session, key_id: uuid.UUID) -> None:
         raise NotFound(f"Key {key_id} not found")
 
 
+def actor_of(key: str) -> str:
+    """How events name a caller: ``key`` and the key's shown prefix."""
+    return f"key {key[:SHOWN_PREFIX]}\u2026"
+
+
 def authenticate(db: Session, key: str) -> uuid.UUID:
     """The account owning ``key``; :class:`Unauthorized` for unknown, expired or revoked keys."""
     digest = hash_key(key)
@@ -107,6 +116,9 @@ def authenticate(db: Session, key: str) -> uuid.UUID:
                 ApiKeyRecord.account_id,
                 ApiKeyRecord.expires_at,
                 ApiKeyRecord.revoked_at,
+                # Names the caller in this transaction's events ("hibernate requested by
+                # key slk_ab12cd…"): the key's stored prefix, never the key.
+                func.set_config(ACTOR_SETTING, actor_of(key), True),
             ).where(ApiKeyRecord.key_hash == digest)
         )
         .first()

@@ -61,6 +61,9 @@ def session_dict(r: SessionRecord) -> dict[str, Any]:
         "lifecycleState": r.lifecycle_state,
         "idleTimeoutSeconds": r.idle_timeout_seconds,
         "maxLifetimeSeconds": r.max_lifetime_seconds,
+        "autoArchiveAfterSeconds": r.auto_archive_after_seconds,
+        "autoDeleteAfterSeconds": r.auto_delete_after_seconds,
+        "deletedAt": r.deleted_at and r.deleted_at.isoformat(),
     }
 
 

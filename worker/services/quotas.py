@@ -1,0 +1,170 @@
+"""Per-account quotas: active sandboxes and sessions (SPEC §9).
+
+A session counts against its **quota account**: the organization for an org session,
+else its creator. Its limits are the account's own (``accounts.max_active_sandboxes``,
+``accounts.max_sessions``) else the operator's (``LIFECYCLE_MAX_ACTIVE_SANDBOXES``,
+``LIFECYCLE_MAX_SESSIONS``); NULL means no limit.
+
+* A session **holds a sandbox** while it is ``provisioning``, ``active``, ``restoring``
+  or ``hibernating``, or has an open ``provision``/``start`` run: a slot is taken the
+  moment the run that will start a sandbox is recorded, so a queued start can never
+  find the cap full when it runs.
+* A session **counts as a session** until it is archived.
+
+Create (a new session provisions and starts its sandbox) and a start/resume kick check
+under a lock on the quota account's row (``FOR UPDATE``), taken in the transaction that
+records the run, so concurrent requests of one account are decided one after another
+on committed counts: at the limit exactly the allowed number succeed, the others get
+429 with the limit, the current count and, for sandboxes, ``Retry-After`` (the soonest
+an active sandbox of the account is due to hibernate). Accounts without any limit take
+no lock.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from worker.config import Settings
+from worker.db.models import AccountRecord, SessionRecord
+from worker.errors import DomainError, NotFound
+
+
+class QuotaExceeded(DomainError):
+    status_code = 429
+
+
+_HOLDS_SANDBOX = """(
+    s.lifecycle_state IN ('provisioning', 'active', 'restoring', 'hibernating')
+    OR EXISTS (SELECT 1 FROM lifecycle_runs AS r
+               WHERE r.session_id = s.id AND r.kind IN ('provision', 'start')
+                 AND r.state IN ('pending', 'queued', 'running'))
+)"""
+_OF_ACCOUNT = {
+    False: "s.user_id = :account AND s.organization_id IS NULL",
+    True: "s.organization_id = :account",
+}
+_COUNT_SANDBOXES = {
+    org: text(
+        f"SELECT count(*) FROM sessions AS s WHERE {where} AND s.id <> :self AND {_HOLDS_SANDBOX}"
+    )
+    for org, where in _OF_ACCOUNT.items()
+}
+_COUNT_SESSIONS = {
+    org: text(
+        f"SELECT count(*) FROM sessions AS s WHERE {where} AND s.id <> :self"
+        " AND s.status <> 'archived' AND s.lifecycle_state <> 'archived'"
+    )
+    for org, where in _OF_ACCOUNT.items()
+}
+_SOONEST_DUE = {
+    org: text(
+        f"SELECT extract(epoch FROM min(least(s.hibernate_after, s.sandbox_expires_at)) - now())"
+        f" FROM sessions AS s WHERE {where} AND s.lifecycle_state = 'active'"
+    )
+    for org, where in _OF_ACCOUNT.items()
+}
+_LIMITS = text("SELECT max_active_sandboxes, max_sessions FROM accounts WHERE id = :account")
+# FOR NO KEY UPDATE: quota checks queue behind each other, but not behind the KEY SHARE
+# locks that inserting a session (its foreign keys to accounts) takes on the same row.
+_LOCK = text("SELECT 1 FROM accounts WHERE id = :account FOR NO KEY UPDATE")
+
+
+@dataclass(frozen=True)
+class Limits:
+    active_sandboxes: int | None
+    sessions: int | None
+
+
+def limits(db: Session, settings: Settings, account_id: uuid.UUID, *, lock: bool) -> Limits:
+    if lock:
+        db.execute(_LOCK, {"account": account_id})
+    row = db.execute(_LIMITS, {"account": account_id}).first()
+    own = (row[0], row[1]) if row is not None else (None, None)
+    return Limits(
+        own[0] if own[0] is not None else settings.max_active_sandboxes,
+        own[1] if own[1] is not None else settings.max_sessions,
+    )
+
+
+def _locked_limits(db: Session, settings: Settings, account_id: uuid.UUID) -> Limits | None:
+    """The account's limits, its row locked when any applies (None: no limit at all)."""
+    found = limits(db, settings, account_id, lock=False)
+    if found.active_sandboxes is None and found.sessions is None:
+        return None
+    return limits(db, settings, account_id, lock=True)
+
+
+def _sandbox_cap(
+    db: Session, account_id: uuid.UUID, org: bool, cap: int, self_id: uuid.UUID | None
+) -> None:
+    params = {"account": account_id, "self": self_id or uuid.UUID(int=0)}
+    current = int(db.execute(_COUNT_SANDBOXES[org], params).scalar_one())
+    if current < cap:
+        return
+    soonest = db.execute(_SOONEST_DUE[org], params).scalar()
+    retry = max(1, math.ceil(float(soonest))) if soonest is not None else None
+    raise QuotaExceeded(
+        f"Active sandbox limit reached ({current} of {cap}); hibernate one first",
+        limit=cap,
+        current=current,
+        retryAfterSeconds=retry,
+    )
+
+
+def check_create(db: Session, settings: Settings, session: SessionRecord) -> None:
+    """Right after inserting ``session`` (which will provision and start a sandbox), in
+    its transaction: refuse when the others already fill a cap. Counting after the
+    insert keeps 403 for a foreign organization ahead of any 429."""
+    account = session.organization_id or session.user_id
+    found = _locked_limits(db, settings, account)
+    if found is None:
+        return
+    org = session.organization_id is not None
+    if found.sessions is not None:
+        params = {"account": account, "self": session.id}
+        current = int(db.execute(_COUNT_SESSIONS[org], params).scalar_one())
+        if current >= found.sessions:
+            raise QuotaExceeded(
+                f"Session limit reached ({current} of {found.sessions}); archive one first",
+                limit=found.sessions,
+                current=current,
+            )
+    if found.active_sandboxes is not None:
+        _sandbox_cap(db, account, org, found.active_sandboxes, session.id)
+
+
+def check_start(db: Session, settings: Settings, session: SessionRecord) -> None:
+    """Before recording a start (or resume) of ``session``, locked by the caller: free
+    when the session already holds a sandbox (the kick coalesces or is satisfied)."""
+    account = session.organization_id or session.user_id
+    found = _locked_limits(db, settings, account)
+    if found is None or found.active_sandboxes is None:
+        return
+    org = session.organization_id is not None
+    holds = db.execute(
+        text(f"SELECT {_HOLDS_SANDBOX} FROM sessions AS s WHERE s.id = :id"), {"id": session.id}
+    ).scalar()
+    if holds:
+        return
+    _sandbox_cap(db, account, org, found.active_sandboxes, session.id)
+
+
+def set_limits(
+    db: Session,
+    account_id: uuid.UUID,
+    *,
+    active_sandboxes: int | None,
+    sessions: int | None,
+) -> None:
+    """The account's own limits (None: back to the operator's default)."""
+    account = db.get(AccountRecord, account_id, with_for_update=True)
+    if account is None:
+        raise NotFound(f"Account {account_id} not found")
+    account.max_active_sandboxes = active_sandboxes
+    account.max_sessions = sessions
+    db.flush()
