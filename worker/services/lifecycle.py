@@ -65,6 +65,7 @@ log = get_logger(__name__)
 S = SessionRecord
 ACTIVE = LifecycleState.ACTIVE.value
 
+
 @dataclass
 class Outcome:
     """What a delivery did. ``retry_in`` is set when the caller should retry later."""
