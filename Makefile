@@ -5,13 +5,26 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_FLAGS ?=
 
-.PHONY: install run test lint fmt services bwrap test-faults test-e2e bench bench-quick docs-screenshot api-docs clean
+.PHONY: install lock run test lint fmt services bwrap test-faults test-e2e bench bench-quick docs-screenshot api-docs clean
 
-$(STAMP): pyproject.toml
+LOCK   := requirements.lock
+
+# Installs exactly what requirements.lock pins, each file checked against its hash (a
+# fresh machine gets what the tests passed with, not last night's releases); then the
+# project itself. pyproject.toml keeps open ranges for people installing the package.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[embedded,dev]'
+	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+## Re-resolve pyproject.toml's ranges (with the embedded and dev extras) into the lock.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q pip-tools
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+		--extra embedded --extra dev --upgrade -o $(LOCK) pyproject.toml
 
 install: $(STAMP)
 
