@@ -223,8 +223,16 @@ def list_sessions(
     status: Annotated[str | None, Query(description="running|completed|failed|archived")] = None,
     limit: Annotated[str | None, Query(description="1-100, default 20")] = None,
     cursor: Annotated[str | None, Query(description="nextCursor of the previous page")] = None,
+    organization_id: Annotated[
+        str | None,
+        Query(
+            alias="organizationId",
+            description="list this org's sessions instead (the org's key or a member)",
+        ),
+    ] = None,
 ) -> Response:
-    """The caller's sessions, newest first, keyset-paginated."""
+    """The caller's sessions, newest first, keyset-paginated; with ``organizationId``,
+    every session of that org."""
     try:
         status_value = SessionStatus(status) if status is not None else None
     except ValueError:
@@ -238,7 +246,12 @@ def list_sessions(
     else:
         raise InvalidInput("limit must be an integer from 1 to 100", missing_fields=["limit"])
     rows, next_cursor = sessions.list_sessions(
-        db, account, status=status_value, limit=size, cursor=cursor
+        db,
+        account,
+        status=status_value,
+        limit=size,
+        cursor=cursor,
+        organization_id=_uuid_field({"organizationId": organization_id}, "organizationId"),
     )
     return JSONResponse({"sessions": [session_dict(r) for r in rows], "nextCursor": next_cursor})
 
