@@ -22,6 +22,7 @@ from api_stub.deps import (
     app_settings,
     parse_json_object,
     raw_body,
+    refuse_repeated_auth,
     transaction,
 )
 from api_stub.schemas import (
@@ -170,6 +171,7 @@ def _create_session(
     idempotency_key: str | None,
 ) -> Response:
     settings = app_settings(request)
+    refuse_repeated_auth(request.headers)
     key = api_key_of(x_api_key, authorization)
     with get_sessionmaker()() as db:
         # The caller first (401 before any 413/400), in the transaction that inserts.

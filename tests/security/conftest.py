@@ -1,5 +1,24 @@
 """The security suite drives the real lifecycle service like its integration tests, and
 the API in-process on the same real servers."""
 
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.conftest import Stack, _stack
 from tests.integration.conftest import api_app, caller, client  # noqa: F401 -- fixtures
 from tests.integration.test_lifecycle_service import svc  # noqa: F401 -- fixture
+
+
+@pytest.fixture(scope="session")
+def api_server(
+    server_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The API as the product runs it (``lifecycle api``: uvicorn, httptools) in its own
+    process, on the run's database and Redis; no worker."""
+    stack = _stack(server_urls, tmp_path_factory.mktemp("security-api"), server_urls["broker_url"])
+    stack.start_api()
+    try:
+        yield stack
+    finally:
+        stack.stop_all()
