@@ -92,6 +92,8 @@ def api(
         host=host,
         port=port,
         workers=workers,
+        # httptools with limits on the request head (431 instead of buffering it).
+        http="api_stub.server:HeadLimitedHttpToolsProtocol",
         log_config=None,
         access_log=False,
     )
