@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
+from api_stub import conditional
 from api_stub.deps import (
     AccountDep,
     Authorization,
@@ -270,7 +271,7 @@ def get_session(
     record = sessions.get_owned(db, account, session_id)
     data = session_dict(record)
     etag = etag_of(data)
-    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+    if conditional.none_match(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
     return JSONResponse({"session": data}, headers={"ETag": etag})
 
@@ -310,11 +311,10 @@ def patch_session(
     )
     with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
-        if if_match is not None:
-            current = etag_of(session_dict(record))
-            tags = [t.strip() for t in if_match.split(",")]
-            if "*" not in tags and current not in tags:
-                raise PreconditionFailed("Precondition failed: the session has changed")
+        if if_match is not None and not conditional.if_match_holds(
+            if_match, etag_of(session_dict(record))
+        ):
+            raise PreconditionFailed("Precondition failed: the session has changed")
         jobs = sessions.patch_session(db, settings, record, patch)
         result = session_dict(record)
     _publish(request, jobs)
