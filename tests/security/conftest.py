@@ -2,6 +2,7 @@
 the API in-process on the same real servers."""
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -22,3 +23,12 @@ def api_server(
         yield stack
     finally:
         stack.stop_all()
+
+
+# Lines the security tests want in the run's summary (e.g. the schemathesis counts).
+SUMMARY: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in SUMMARY:
+        terminalreporter.write_line(line)
