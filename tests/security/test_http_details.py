@@ -25,7 +25,7 @@ def test_405_names_the_allowed_methods_on_every_path(client: TestClient, caller:
     paths = client.get("/openapi.json").json()["paths"]
     sid, chat = "00000000-0000-0000-0000-000000000001", "00000000-0000-0000-0000-000000000002"
     for template, operations in paths.items():
-        path = template.format(session_id=sid, chat_id=chat)
+        path = template.format(session_id=sid, chat_id=chat, command_id=sid)
         allowed = {m.upper() for m in operations}
         refused = next(m for m in ("PUT", "DELETE", "PATCH", "POST") if m not in allowed)
         r = client.request(refused, path, headers=caller.headers)
@@ -137,13 +137,25 @@ def _log_lines(stack: Stack) -> list[dict[str, Any]]:
 
 def test_a_client_gone_mid_body_is_one_info_line(api_server: Stack, db_clean: object) -> None:
     caller = make_caller("Ada")
-    created = httpx.post(f"{api_server.base_url}/api/sessions", headers=caller.headers, json={})
+    created = httpx.post(
+        f"{api_server.base_url}/api/sessions",
+        headers={**caller.headers, "X-Request-ID": "create-before-disconnects"},
+        json={},
+    )
     sid = created.json()["session"]["id"]
     requests = [
         ("POST", "/api/sessions"),
         ("PATCH", f"/api/sessions/{sid}"),
         ("POST", f"/api/sessions/{sid}/extend"),
     ]
+    # The create's own access line is written after its answer: count from after it.
+    wait_until(
+        lambda: any(
+            ln.get("request_id") == "create-before-disconnects" for ln in _log_lines(api_server)
+        ),
+        timeout=60,
+        what="the create's access line",
+    )
     before = len(_log_lines(api_server))
     for method, path in requests:
         with socket.create_connection(("127.0.0.1", api_server.port), timeout=30) as s:

@@ -34,6 +34,7 @@ BODIES: dict[tuple[str, str], Any] = {
     },
     ("POST", "/api/sessions/{session_id}/chats/{chat_id}/stream"): {"streamId": "turn-1"},
     ("DELETE", "/api/sessions/{session_id}/chats/{chat_id}/stream"): {"streamId": "turn-1"},
+    ("POST", "/api/sessions/{session_id}/commands"): {"argv": ["true"]},
 }
 NO_BODY = {"GET", "DELETE"}
 
@@ -63,7 +64,7 @@ def _body(method: str, template: str) -> Any:
 def _request(
     client: TestClient, caller: Caller, method: str, template: str, sid: str, chat: str
 ) -> Any:
-    path = template.format(session_id=sid, chat_id=chat)
+    path = template.format(session_id=sid, chat_id=chat, command_id=uuid.uuid4())
     body = _body(method, template)
     if body is None:
         return client.request(method, path, headers=caller.headers)
@@ -143,7 +144,7 @@ def test_every_session_route_has_a_body_here_when_it_takes_one() -> None:
         if method not in NO_BODY and (method, template) not in BODIES:
             # A route without a body is fine; say so here when one is added.
             assert template.endswith(
-                ("/sandbox", "/hibernate", "/snapshots", "/diff", "/activity")
+                ("/sandbox", "/hibernate", "/snapshots", "/diff", "/activity", "/kill")
             ), f"add a body for {method} {template} to BODIES"
 
 
