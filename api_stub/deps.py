@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
+from starlette.datastructures import Headers
 
 from worker.config import Settings, get_settings
 from worker.db.engine import get_sessionmaker
@@ -66,6 +67,14 @@ def api_key_of(x_api_key: str | None, authorization: str | None) -> str:
     return key
 
 
+def refuse_repeated_auth(headers: Headers) -> None:
+    """401 when ``x-api-key`` or ``Authorization`` appears more than once (SPEC §3).
+    The header parameters only see the first copy; a proxy in front may read the last,
+    and two parts of the system must never disagree on who is calling."""
+    if len(headers.getlist("x-api-key")) + len(headers.getlist("authorization")) > 1:
+        raise Unauthorized("Exactly one of x-api-key or Authorization must be provided")
+
+
 XApiKey = Annotated[str | None, Header(description="API key (or use Authorization)")]
 Authorization = Annotated[str | None, Header(description="Bearer <API key>")]
 
@@ -73,7 +82,9 @@ Authorization = Annotated[str | None, Header(description="Bearer <API key>")]
 def current_account(
     request: Request, db: DbDep, x_api_key: XApiKey = None, authorization: Authorization = None
 ) -> uuid.UUID:
-    """Exactly one of ``x-api-key`` or ``Authorization: Bearer`` identifies the caller."""
+    """Exactly one of ``x-api-key`` or ``Authorization: Bearer``, sent once, identifies
+    the caller."""
+    refuse_repeated_auth(request.headers)
     key = api_key_of(x_api_key, authorization)
     # The lookup opens the request's transaction; the route goes on in it (one pooled
     # connection and one commit per request), through ``transaction(db)``.

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from worker.errors import DomainError
 from worker.logging import get_logger
@@ -29,6 +31,23 @@ def _is_db_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the API offers on ``path`` (from its OpenAPI document; HEAD with GET)."""
+    table: list[tuple[re.Pattern[str], list[str]]] | None = getattr(app.state, "allow", None)
+    if table is None:
+        table = []
+        for template, operations in app.openapi()["paths"].items():
+            regex = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+            offered = {m.upper() for m in operations}
+            offered |= {"HEAD"} if "GET" in offered else set()
+            table.append((re.compile(regex), sorted(offered)))
+        app.state.allow = table
+    for pattern, methods in table:
+        if pattern.fullmatch(path):
+            return methods
+    return []
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def domain_error(_: Request, exc: DomainError) -> JSONResponse:
@@ -38,12 +57,25 @@ def install(app: FastAPI) -> None:
         return response
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         messages = {404: "Not found", 405: "Method not allowed"}
         message = (
             exc.detail if isinstance(exc.detail, str) else messages.get(exc.status_code, "Error")
         )
-        return error_response(exc.status_code, message)
+        response = error_response(exc.status_code, message)
+        response.headers.update(exc.headers or {})  # Starlette's own, e.g. Allow on a 405
+        if exc.status_code == 405 and (allowed := allowed_methods(app, request.url.path)):
+            # Starlette names only the methods of the first route that matched the path;
+            # Allow must name every method the path has (RFC 9110 §15.5.6).
+            response.headers["Allow"] = ", ".join(allowed)
+        return response
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(_: Request, __: ClientDisconnect) -> Response:
+        # The client went away mid-body: nothing to answer and nothing wrong here. The
+        # request's one access-log line (info) records it as 499, "client closed
+        # request" as proxies name it; the answer itself goes nowhere.
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

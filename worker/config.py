@@ -83,6 +83,10 @@ class Settings(BaseSettings):
 
     idempotency_ttl_seconds: int = Field(default=24 * 3600, gt=0)
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    # A request's head (request line and headers together) and its number of header
+    # lines; over either the API answers 431 without holding the rest in memory.
+    api_max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    api_max_header_lines: int = Field(default=100, gt=0)
     # Session creates one API process runs in threads at once (the rest queue in its
     # event loop): enough to overlap database round trips, few enough not to fight
     # over the GIL.

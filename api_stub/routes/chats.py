@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse, Response
 
+from api_stub import conditional
 from api_stub.deps import AccountDep, BodyDep, DbDep, SettingsDep, transaction
 from api_stub.schemas import (
     ChatEnvelope,
@@ -122,7 +123,7 @@ def get_chat(
     chat = chats.get_chat(db, record, chat_id)
     data = chat_dict(chat)
     etag = etag_of(data)
-    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+    if conditional.none_match(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
     return JSONResponse({"chat": data}, headers={"ETag": etag})
 
@@ -148,10 +149,10 @@ def patch_chat(
         record = sessions.get_owned(db, account, session_id, lock=True)
         chat = chats.get_chat(db, record, chat_id, lock=True)
         title, model_id = _text(data, "title"), _text(data, "modelId")
-        if if_match is not None:
-            tags = [t.strip() for t in if_match.split(",")]
-            if "*" not in tags and etag_of(chat_dict(chat)) not in tags:
-                raise PreconditionFailed("Precondition failed: the chat has changed")
+        if if_match is not None and not conditional.if_match_holds(
+            if_match, etag_of(chat_dict(chat))
+        ):
+            raise PreconditionFailed("Precondition failed: the chat has changed")
         chats.patch_chat(db, settings, chat, title, model_id)
         response = _chat_response(chat)
     return response

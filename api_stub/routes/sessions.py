@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
+from api_stub import conditional
 from api_stub.deps import (
     AccountDep,
     Authorization,
@@ -22,6 +23,7 @@ from api_stub.deps import (
     app_settings,
     parse_json_object,
     raw_body,
+    refuse_repeated_auth,
     transaction,
 )
 from api_stub.schemas import (
@@ -179,6 +181,7 @@ def _create_session(
     idempotency_key: str | None,
 ) -> Response:
     settings = app_settings(request)
+    refuse_repeated_auth(request.headers)
     key = api_key_of(x_api_key, authorization)
     with get_sessionmaker()() as db:
         # The caller first (401 before any 413/400), in the transaction that inserts.
@@ -235,8 +238,16 @@ def list_sessions(
     status: Annotated[str | None, Query(description="running|completed|failed|archived")] = None,
     limit: Annotated[str | None, Query(description="1-100, default 20")] = None,
     cursor: Annotated[str | None, Query(description="nextCursor of the previous page")] = None,
+    organization_id: Annotated[
+        str | None,
+        Query(
+            alias="organizationId",
+            description="list this org's sessions instead (the org's key or a member)",
+        ),
+    ] = None,
 ) -> Response:
-    """The caller's sessions, newest first, keyset-paginated."""
+    """The caller's sessions, newest first, keyset-paginated; with ``organizationId``,
+    every session of that org."""
     try:
         status_value = SessionStatus(status) if status is not None else None
     except ValueError:
@@ -250,7 +261,12 @@ def list_sessions(
     else:
         raise InvalidInput("limit must be an integer from 1 to 100", missing_fields=["limit"])
     rows, next_cursor = sessions.list_sessions(
-        db, account, status=status_value, limit=size, cursor=cursor
+        db,
+        account,
+        status=status_value,
+        limit=size,
+        cursor=cursor,
+        organization_id=_uuid_field({"organizationId": organization_id}, "organizationId"),
     )
     return JSONResponse({"sessions": [session_dict(r) for r in rows], "nextCursor": next_cursor})
 
@@ -267,7 +283,7 @@ def get_session(
     record = sessions.get_owned(db, account, session_id)
     data = session_dict(record)
     etag = etag_of(data)
-    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+    if conditional.none_match(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
     return JSONResponse({"session": data}, headers={"ETag": etag})
 
@@ -308,11 +324,10 @@ def patch_session(
     keep = retention_fields(data)
     with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
-        if if_match is not None:
-            current = etag_of(session_dict(record))
-            tags = [t.strip() for t in if_match.split(",")]
-            if "*" not in tags and current not in tags:
-                raise PreconditionFailed("Precondition failed: the session has changed")
+        if if_match is not None and not conditional.if_match_holds(
+            if_match, etag_of(session_dict(record))
+        ):
+            raise PreconditionFailed("Precondition failed: the session has changed")
         jobs = sessions.patch_session(db, settings, record, patch)
         retention.set_overrides(db, record, *keep)
         result = session_dict(record)

@@ -144,6 +144,14 @@ class SessionRecord(Base):
     __table_args__ = (
         # Owner listing, newest first, keyset on (created_at, id).
         Index("ix_sessions_owner_created", "user_id", text("created_at DESC"), text("id DESC")),
+        # An org's listing (``?organizationId=``), newest first, keyset on (created_at, id).
+        Index(
+            "ix_sessions_org_created",
+            "organization_id",
+            text("created_at DESC"),
+            text("id DESC"),
+            postgresql_where=text("organization_id IS NOT NULL"),
+        ),
         # Generated titles are unique per owner (user titles may repeat).
         Index(
             "uq_sessions_owner_generated_title",

@@ -92,6 +92,8 @@ def api(
         host=host,
         port=port,
         workers=workers,
+        # httptools with limits on the request head (431 instead of buffering it).
+        http="api_stub.server:HeadLimitedHttpToolsProtocol",
         log_config=None,
         access_log=False,
     )
@@ -222,6 +224,20 @@ def orgs_add_member(
     with _db() as db:
         _domain(lambda: accounts.add_member(db, org_id, account_id))
     typer.echo(f"{account_id} is a member of {org_id}")
+
+
+@orgs_app.command("remove-member")
+def orgs_remove_member(
+    org: Annotated[str, typer.Option("--org", help="Organization account id")],
+    account: Annotated[str, typer.Option("--account", help="Member account id")],
+) -> None:
+    """End ACCOUNT's membership of ORG: it loses the org's sessions at once."""
+    from worker.services import accounts
+
+    org_id, account_id = _uuid(org, "--org"), _uuid(account, "--account")
+    with _db() as db:
+        _domain(lambda: accounts.remove_member(db, org_id, account_id))
+    typer.echo(f"{account_id} is no longer a member of {org_id}")
 
 
 @keys_app.command("create")

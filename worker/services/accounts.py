@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -66,6 +66,18 @@ def add_member(db: Session, org_id: uuid.UUID, account_id: uuid.UUID) -> None:
         .values(org_id=org_id, account_id=account_id, created_at=datetime.now(UTC))
         .on_conflict_do_nothing()
     )
+
+
+def remove_member(db: Session, org_id: uuid.UUID, account_id: uuid.UUID) -> None:
+    """End ``account_id``'s membership of ``org_id``. Access is checked against the
+    membership on every request, so the account loses the org's sessions at once."""
+    result = db.execute(
+        delete(OrgMembershipRecord).where(
+            OrgMembershipRecord.org_id == org_id, OrgMembershipRecord.account_id == account_id
+        )
+    )
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        raise NotFound(f"Account {account_id} is not a member of {org_id}")
 
 
 def create_key(db: Session, account_id: uuid.UUID, *, expires_in: float | None = None) -> NewKey:

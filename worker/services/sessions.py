@@ -226,7 +226,8 @@ def create_session(
 def get_owned(
     db: Session, account_id: uuid.UUID, session_id: str, *, lock: bool = False
 ) -> SessionRecord:
-    """The session ``session_id`` if ``account_id`` owns it: 404 unknown, 403 foreign."""
+    """The session ``session_id`` if ``account_id`` may use it (:func:`can_access`):
+    404 unknown or malformed, 403 otherwise."""
     try:
         sid = uuid.UUID(session_id)
     except ValueError:
@@ -237,9 +238,20 @@ def get_owned(
     record = db.scalars(stmt).first()
     if record is None:
         raise NotFound("Session not found")
-    if record.user_id != account_id:
+    if not can_access(db, account_id, record):
         raise Forbidden("Forbidden")
     return record
+
+
+def can_access(db: Session, account_id: uuid.UUID, record: SessionRecord) -> bool:
+    """Who may use a session (read, change, kick, its chats), SPEC §3: a personal session
+    is its creator's; an org session belongs to the org, so the org's own key and every
+    current member may use it, and nobody else. Membership is read on every call: a
+    member removed from the org loses the org's sessions at once, the ones it created
+    included."""
+    if record.organization_id is None:
+        return record.user_id == account_id
+    return accounts.can_access_org(db, account_id, record.organization_id)
 
 
 def first_chat(db: Session, session_id: uuid.UUID) -> ChatRecord | None:
@@ -428,9 +440,17 @@ def list_sessions(
     status: SessionStatus | None,
     limit: int,
     cursor: str | None,
+    organization_id: uuid.UUID | None = None,
 ) -> tuple[list[SessionRecord], str | None]:
-    """The caller's sessions, newest first, keyset-paginated on (createdAt, id)."""
-    stmt = select(SessionRecord).where(SessionRecord.user_id == account_id)
+    """The caller's sessions, newest first, keyset-paginated on (createdAt, id); with
+    ``organization_id``, every session of that org instead (403 when the caller is
+    neither the org nor a member)."""
+    if organization_id is None:
+        stmt = select(SessionRecord).where(SessionRecord.user_id == account_id)
+    elif accounts.can_access_org(db, account_id, organization_id):
+        stmt = select(SessionRecord).where(SessionRecord.organization_id == organization_id)
+    else:
+        raise Forbidden("Access denied to specified organization_id")
     if status is not None:
         stmt = stmt.where(SessionRecord.status == status.value)
     if cursor:
