@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Stack, _stack, wait_until
-from tests.e2e.test_lifecycle_e2e import create, wait_state
-from tests.factories import Caller
-from tests.integration.test_webhooks import Receiver, verify
+from tests.support.factories import Caller
+from tests.support.processes import wait_until
+from tests.support.stack import Stack, create, make_stack, wait_state
+from tests.support.webhooks import Receiver, verify
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +30,7 @@ def lively(
     import redis
 
     redis.Redis.from_url(server_urls["broker_url"]).flushdb()
-    s = _stack(
+    s = make_stack(
         server_urls,
         tmp_path_factory.mktemp("e2e-events"),
         server_urls["broker_url"],

@@ -3,72 +3,15 @@ subprocess): nothing lost, nothing doubled, generated titles unique (issue 2 "Mu
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.support.factories import Caller, make_caller
-from tests.support.processes import ROOT, answers_ok, wait_until
 from tests.support.rows import row_counts, sql
-from worker.ops.embedded import find_free_port
 
 N = 200
 THREADS = 16
-
-
-@pytest.fixture
-def live_api(db_clean: dict[str, str], redis_client: object, tmp_path: Path) -> Iterator[str]:
-    """``uvicorn api_stub.main:create_app`` on a free port, on this run's servers."""
-    port = find_free_port()
-    log = (tmp_path / "uvicorn.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "api_stub.main:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env={**os.environ, "LIFECYCLE_LOG_JSON": "true"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def exited() -> str | None:
-        if proc.poll() is None:
-            return None
-        return f"uvicorn exited: {(tmp_path / 'uvicorn.log').read_text()}"
-
-    try:
-        wait_until(
-            lambda: answers_ok(f"{url}/healthz"),
-            timeout=60,
-            what="uvicorn to answer /healthz",
-            alive=exited,
-        )
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_200_concurrent_creates_for_one_account(live_api: str) -> None:

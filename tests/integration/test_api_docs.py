@@ -10,17 +10,10 @@ import os
 import re
 import shutil
 import subprocess
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
-
-from worker.ops.embedded import find_free_port
 
 _URL = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']|url:\s*["']([^"']+)["']""")
 
@@ -57,22 +50,6 @@ def _chromium() -> str | None:
         if found:
             return found
     return None
-
-
-@pytest.fixture
-def live_api(api_app: FastAPI, db_clean: dict[str, str]) -> Iterator[str]:
-    port = find_free_port()
-    server = uvicorn.Server(uvicorn.Config(api_app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def render(chromium: str, url: str, out: Path, screenshot: Path | None = None) -> str:

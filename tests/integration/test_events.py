@@ -14,38 +14,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from tests.factories import Caller, add_member, make_account, make_caller
-from tests.integration.conftest import assert_error, create, sql, sql_exec
-from tests.integration.test_lifecycle_service import _drain
+from tests.support.api import assert_error, create
+from tests.support.drains import drain
+from tests.support.events import events_of, session_for
+from tests.support.factories import Caller, add_member, make_account, make_caller
+from tests.support.rows import sql, sql_exec
 from worker.db.engine import get_sessionmaker
-from worker.db.models import SessionRecord
 from worker.services import events, hosts, sweeps
 from worker.services.lifecycle import LifecycleService
-
-
-def _session_for(client: TestClient, caller: Caller, svc: LifecycleService, **body: Any) -> str:
-    """A session created over the API, its clone URL pointed at the service's repo host."""
-    sid = create(client, caller, body or None)["session"]["id"]
-    with svc.factory.begin() as db:
-        s = db.get(SessionRecord, uuid.UUID(sid))
-        assert s is not None and s.repo_owner and s.repo_name
-        s.clone_url = svc.providers.repo_host.clone_url(s.repo_owner, s.repo_name)
-    return sid
-
-
-def _events(client: TestClient, caller: Caller, sid: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    after = 0
-    while True:
-        r = client.get(
-            f"/api/sessions/{sid}/events", params={"after": after}, headers=caller.headers
-        )
-        assert r.status_code == 200, r.text
-        page = r.json()
-        if not page["events"]:
-            return found
-        found += page["events"]
-        after = page["nextAfter"]
 
 
 def _types(found: list[dict[str, Any]]) -> list[str]:
@@ -55,12 +31,12 @@ def _types(found: list[dict[str, Any]]) -> list[str]:
 def test_a_whole_life_is_told_with_reasons(
     client: TestClient, caller: Caller, svc: LifecycleService
 ) -> None:
-    sid = _session_for(client, caller, svc)
-    _drain(svc, sid=uuid.UUID(sid))  # provision, start
+    sid = session_for(client, caller, svc)
+    drain(svc, sid=uuid.UUID(sid))  # provision, start
     r = client.post(f"/api/sessions/{sid}/hibernate", headers=caller.headers)
     assert r.status_code == 202
-    _drain(svc, sid=uuid.UUID(sid))
-    found = _events(client, caller, sid)
+    drain(svc, sid=uuid.UUID(sid))
+    found = events_of(client, caller, sid)
     prefix = caller.key[:10]
     # In commit order; within one statement in the order its parts ran.
     assert _types(found) == [
@@ -96,7 +72,7 @@ def test_a_whole_life_is_told_with_reasons(
     assert all(e["runId"] for e in found if e["type"].startswith("run."))
     # Ids are unique and the page order is final: reading again gives the same list.
     assert len({e["id"] for e in found}) == len(found)
-    assert _events(client, caller, sid) == found
+    assert events_of(client, caller, sid) == found
     # The key itself is never in an event.
     assert caller.key not in str(found)
 
@@ -104,9 +80,9 @@ def test_a_whole_life_is_told_with_reasons(
 def test_sweep_hibernations_say_idle_or_lifetime(
     client: TestClient, caller: Caller, svc: LifecycleService
 ) -> None:
-    idle, old = (_session_for(client, caller, svc) for _ in range(2))
+    idle, old = (session_for(client, caller, svc) for _ in range(2))
     for sid in (idle, old):
-        _drain(svc, uuid.UUID(sid))
+        drain(svc, uuid.UUID(sid))
     now = datetime.now(UTC)
     # One was last active 1800 s before its hibernateAfter, now passed; the other's
     # lifetime ends now (and it is not idle).
@@ -124,9 +100,9 @@ def test_sweep_hibernations_say_idle_or_lifetime(
     )
     assert sweeps.hibernate_idle(svc) == {"queued": 2}
     for sid in (idle, old):
-        _drain(svc, uuid.UUID(sid))
+        drain(svc, uuid.UUID(sid))
     for sid, reason in ((idle, "idle for 1800 s"), (old, "lifetime reached")):
-        found = _events(client, caller, sid)
+        found = events_of(client, caller, sid)
         queued = [e for e in found if e["type"] == "sweep.hibernate"]
         hibernated = [e for e in found if e["type"] == "session.hibernated"]
         assert len(queued) == 1 and queued[0]["reason"] == reason
@@ -140,30 +116,30 @@ def test_failures_carry_the_lifecycle_error_and_a_lost_host_says_so(
     svc.settings.fault_plan.write_text(
         '{"repo_host.ensure_repo": [{"error": "permanent", "message": "404 no such owner"}]}'
     )
-    failed = _session_for(client, caller, svc)
-    _drain(svc, uuid.UUID(failed))
-    found = _events(client, caller, failed)
+    failed = session_for(client, caller, svc)
+    drain(svc, uuid.UUID(failed))
+    found = events_of(client, caller, failed)
     fail = next(e for e in found if e["type"] == "session.failed")
     assert fail["reason"] == "404 no such owner"
     assert next(e for e in found if e["type"] == "run.failed")["reason"] == "404 no such owner"
 
-    lost = _session_for(client, caller, svc)
-    _drain(svc, uuid.UUID(lost))
+    lost = session_for(client, caller, svc)
+    drain(svc, uuid.UUID(lost))
     with get_sessionmaker().begin() as db:
         hosts.beat(db, "h-gone", svc.queue)
     sql_exec("UPDATE worker_hosts SET last_beat_at = now() - interval '1 hour'")
     assert hosts.recover_lost_hosts(svc)["sessions"] == 1
-    found = _events(client, caller, lost)
+    found = events_of(client, caller, lost)
     reasons = {e["type"]: e["reason"] for e in found}
     # No snapshot in a shared store: the session fails, and says which host was lost.
     assert reasons["session.failed"].startswith("host lost: host h-gone was lost")
     assert reasons["sweep.host_lost"].startswith("host h-gone was lost")
 
 
-def test_kicks_that_coalesce_and_stream_claims_are_events(
+def test_kicks_that_coalesce_and_stream_claims_areevents_of(
     client: TestClient, caller: Caller, svc: LifecycleService
 ) -> None:
-    sid = _session_for(client, caller, svc)
+    sid = session_for(client, caller, svc)
     for _ in range(2):
         assert client.post(f"/api/sessions/{sid}/sandbox", headers=caller.headers).status_code
     chat = client.get(f"/api/sessions/{sid}/chats", headers=caller.headers).json()["chats"][0]
@@ -172,7 +148,7 @@ def test_kicks_that_coalesce_and_stream_claims_are_events(
     assert client.post(url, json={"streamId": "turn-1"}, headers=caller.headers).status_code == 200
     r = client.request("DELETE", url, json={"streamId": "turn-1"}, headers=caller.headers)
     assert r.status_code == 204
-    found = _events(client, caller, sid)
+    found = events_of(client, caller, sid)
     kicks = [e for e in found if e["type"] == "session.kicked"]
     assert [k["data"]["coalesced"] for k in kicks] == [True, True]  # onto the provision
     assert kicks[0]["reason"].endswith("(joined the open provision run)")
@@ -348,7 +324,7 @@ def test_a_commands_life_is_told_without_its_argv_or_env(
     )
     sql_exec("UPDATE commands SET status = 'running' WHERE id = :id", id=cid)
     sql_exec("UPDATE commands SET status = 'exited', exit_code = 3 WHERE id = :id", id=cid)
-    found = [e for e in _events(client, caller, sid) if e["type"].startswith("command.")]
+    found = [e for e in events_of(client, caller, sid) if e["type"].startswith("command.")]
     assert [(e["type"], e["reason"]) for e in found] == [
         ("command.queued", "command requested"),
         ("command.running", "command started"),

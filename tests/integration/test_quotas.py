@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from fastapi.testclient import TestClient
 
-from tests.factories import Caller, add_member, make_account, make_caller
-from tests.integration.conftest import assert_error, create, sql, sql_exec
-from tests.integration.test_api_concurrency import live_api  # noqa: F401 -- fixture
+from tests.support.api import assert_error, create
+from tests.support.factories import Caller, add_member, make_account, make_caller
+from tests.support.rows import sql, sql_exec
 from worker.db.engine import get_sessionmaker
 from worker.services import quotas
 
@@ -50,7 +50,7 @@ def _holding(account: uuid.UUID) -> int:
     )
 
 
-def test_20_concurrent_starts_with_a_cap_of_2(live_api: str) -> None:  # noqa: F811
+def test_20_concurrent_starts_with_a_cap_of_2(live_api: str) -> None:
     caller = make_caller("Ada")
     with httpx.Client(base_url=live_api, headers=caller.headers, timeout=60) as http:
         ids = [http.post("/api/sessions").json()["session"]["id"] for _ in range(20)]
@@ -74,7 +74,7 @@ def test_20_concurrent_starts_with_a_cap_of_2(live_api: str) -> None:  # noqa: F
     assert started == 2
 
 
-def test_concurrent_creates_stop_at_the_session_cap(live_api: str) -> None:  # noqa: F811
+def test_concurrent_creates_stop_at_the_session_cap(live_api: str) -> None:
     caller = make_caller("Ada")
     _limit(caller.account_id, sessions=3)
 

@@ -10,18 +10,19 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from tests.factories import Caller
-from tests.integration.conftest import assert_error, sql, sql_exec
-from tests.integration.test_events import _events, _session_for
-from tests.integration.test_lifecycle_service import _drain
+from tests.support.api import assert_error
+from tests.support.drains import drain
+from tests.support.events import events_of, session_for
+from tests.support.factories import Caller
+from tests.support.rows import sql, sql_exec
 from worker.services import retention
 from worker.services.lifecycle import LifecycleService
 
 
 def _hibernate(client: TestClient, caller: Caller, svc: LifecycleService, sid: str) -> None:
-    _drain(svc, uuid.UUID(sid))
+    drain(svc, uuid.UUID(sid))
     assert client.post(f"/api/sessions/{sid}/hibernate", headers=caller.headers).status_code == 202
-    _drain(svc, uuid.UUID(sid))
+    drain(svc, uuid.UUID(sid))
 
 
 def _snapshots(svc: LifecycleService, sid: str) -> list[Path]:
@@ -31,23 +32,23 @@ def _snapshots(svc: LifecycleService, sid: str) -> list[Path]:
 def test_auto_archive_then_auto_delete(
     client: TestClient, caller: Caller, svc: LifecycleService
 ) -> None:
-    kept = _session_for(client, caller, svc, autoArchiveAfterSeconds=60, autoDeleteAfterSeconds=120)
+    kept = session_for(client, caller, svc, autoArchiveAfterSeconds=60, autoDeleteAfterSeconds=120)
     r = client.get(f"/api/sessions/{kept}", headers=caller.headers).json()["session"]
     assert r["autoArchiveAfterSeconds"] == 60 and r["autoDeleteAfterSeconds"] == 120
-    bystander = _session_for(client, caller, svc)  # the operator's default: never
-    active = _session_for(client, caller, svc, autoArchiveAfterSeconds=60)
+    bystander = session_for(client, caller, svc)  # the operator's default: never
+    active = session_for(client, caller, svc, autoArchiveAfterSeconds=60)
     for sid in (kept, bystander):
         _hibernate(client, caller, svc, sid)
-    _drain(svc, uuid.UUID(active))
+    drain(svc, uuid.UUID(active))
     # Nothing is due yet.
     assert retention.sweep(svc) == {"archived": 0, "deleted": 0}
     sql_exec("UPDATE sessions SET updated_at = now() - interval '61 s'")
     assert retention.sweep(svc) == {"archived": 1, "deleted": 0}
-    _drain(svc, uuid.UUID(kept))
+    drain(svc, uuid.UUID(kept))
     s = client.get(f"/api/sessions/{kept}", headers=caller.headers).json()["session"]
     assert s["lifecycleState"] == "archived" and s["status"] == "archived" and s["snapshotUrl"]
     assert _snapshots(svc, kept)
-    found = _events(client, caller, kept)
+    found = events_of(client, caller, kept)
     queued = [e for e in found if e["type"] == "sweep.auto_archive"]
     archived = [e for e in found if e["type"] == "session.archived"]
     assert len(queued) == 1 and len(archived) == 1
@@ -72,7 +73,7 @@ def test_auto_archive_then_auto_delete(
     assert client.get(f"/api/sessions/{kept}/runs", headers=caller.headers).json()["runs"]
     assert client.get(f"/api/sessions/{kept}/chats", headers=caller.headers).json()["chats"]
     assert _snapshots(svc, kept) == []
-    deleted = [e for e in _events(client, caller, kept) if e["type"] == "sweep.auto_delete"]
+    deleted = [e for e in events_of(client, caller, kept) if e["type"] == "sweep.auto_delete"]
     assert len(deleted) == 1
     assert deleted[0]["reason"].startswith("auto-delete: archived for 12")
     assert "(limit 120 s); its snapshots and sandbox data deleted" in deleted[0]["reason"]
@@ -88,7 +89,7 @@ def test_auto_archive_then_auto_delete(
     r = client.patch(f"/api/sessions/{kept}", json={"status": "running"}, headers=caller.headers)
     assert r.json()["session"]["lifecycleState"] == "hibernated"
     assert client.post(f"/api/sessions/{kept}/sandbox", headers=caller.headers).status_code == 202
-    _drain(svc, uuid.UUID(kept))
+    drain(svc, uuid.UUID(kept))
     s = client.get(f"/api/sessions/{kept}", headers=caller.headers).json()["session"]
     assert s["lifecycleState"] == "active"
 
@@ -96,7 +97,7 @@ def test_auto_archive_then_auto_delete(
 def test_operator_defaults_and_patch_overrides(
     client: TestClient, caller: Caller, svc: LifecycleService
 ) -> None:
-    sid = _session_for(client, caller, svc)
+    sid = session_for(client, caller, svc)
     _hibernate(client, caller, svc, sid)
     sql_exec("UPDATE sessions SET updated_at = now() - interval '2 hours'")
     svc.settings.auto_archive_after_seconds = 3 * 3600
