@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     # Worker as root: each sandbox runs as its own host uid from this range.
     sandbox_uid_base: int = Field(default=2_000_000, gt=0)
     sandbox_uid_count: int = Field(default=1_000_000, gt=0)
+    # Where sandbox uids are claimed: one registry for every worker and data directory
+    # of the machine, so no two sandboxes on it ever share a uid.
+    sandbox_uid_registry: Path = Path("/var/lib/lifecycle/sandbox-uids")
 
     # Webhooks (issue 16). Private, loopback and link-local targets are refused unless
     # allowed (tests allow loopback). A failed delivery is retried after each of

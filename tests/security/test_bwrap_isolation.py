@@ -27,7 +27,7 @@ from worker.providers.bwrap import (
     inside_cwd,
     validate_env,
 )
-from worker.providers.bwrap_sandbox import BwrapSandboxProvider
+from worker.providers.bwrap_sandbox import DEFAULT_UID_REGISTRY, BwrapSandboxProvider
 from worker.providers.safe_tree import disk_usage
 
 SECRET = "sk-test-FAKE-SECRET-0123456789abcdef"
@@ -227,6 +227,7 @@ def test_the_sandbox_sees_only_its_own_processes(provider: BwrapSandboxProvider,
     result = _sh(provider, "ls /proc | grep -E '^[0-9]+$'; echo me=$$")
     lines = result.stdout.decode().split()
     pids = [int(p) for p in lines if p.isdigit()]
+    assert pids, (result.exit_code, result.signal, result.killed, _text(result))
     assert max(pids) < 20 and len(pids) < 10, lines  # bwrap's init, the shell, ls, grep
     assert lines[-1] in ("me=1", "me=2")
 
@@ -353,8 +354,59 @@ def test_sandboxes_get_distinct_uids_released_on_stop(provider: BwrapSandboxProv
     if a is None or b is None:
         pytest.skip("the worker is not root: sandboxes run as the worker's user")
     assert a != b and provider.user_for("box-a") == a
+    registry = DEFAULT_UID_REGISTRY
+    assert (registry / str(a.uid)).read_text() == f"{provider.root}\nbox-a"
     provider.stop("box-a")
-    assert not (provider.root / ".uids" / str(a.uid)).exists()
+    assert not (registry / str(a.uid)).exists()
+
+
+def test_two_data_directories_on_one_machine_never_share_a_uid(bwrap: str, tmp_path: Path) -> None:
+    """Two worker hosts on one machine (or a test run beside ``lifecycle up``): the same
+    sandbox name in two data directories gets two uids, so stopping one (``kill(-1)``
+    as its uid) cannot end the other's processes; a claim left by a deleted data
+    directory is taken over."""
+    roots = []
+    for host in ("host-a", "host-b"):
+        (tmp_path / host).mkdir()
+        searchable(tmp_path / host)
+        roots.append(
+            BwrapSandboxProvider(tmp_path / host / "sandboxes", limits=LIMITS, bwrap=bwrap)
+        )
+    first, second = roots
+    _make(first, "box-a")
+    _make(second, "box-a")
+    a, b = first.user_for("box-a"), second.user_for("box-a")
+    if a is None or b is None:
+        pytest.skip("the worker is not root: sandboxes run as the worker's user")
+    try:
+        assert a != b
+        results: list[CommandResult] = []
+        runner = threading.Thread(target=lambda: results.append(_sh(second, "sleep 5; echo alive")))
+        runner.start()
+        for _ in range(500):
+            if second.runtime.running("box-a"):
+                break
+            threading.Event().wait(0.02)
+        first.stop("box-a")
+        runner.join(timeout=60)
+        assert results and results[0].exit_code == 0, results
+        assert results[0].stdout == b"alive\n"
+    finally:
+        second.stop("box-a")
+    # A claim whose data directory is gone is stale: the uid is free again.
+    stale = tmp_path / "gone" / "sandboxes"
+    (DEFAULT_UID_REGISTRY / str(b.uid)).write_text(f"{stale}\nbox-a")
+    (tmp_path / "host-c").mkdir()
+    searchable(tmp_path / "host-c")
+    third = BwrapSandboxProvider(tmp_path / "host-c" / "sandboxes", limits=LIMITS, bwrap=bwrap)
+    _make(first, "box-a")  # takes its uid (the first free one for that name) again
+    _make(third, "box-a")
+    try:
+        assert first.user_for("box-a") == a
+        assert third.user_for("box-a") == b
+    finally:
+        first.stop("box-a")
+        third.stop("box-a")
 
 
 def test_without_own_uids_commands_are_still_confined(

@@ -6,8 +6,13 @@ adds is that commands run in them under bubblewrap (:mod:`worker.providers.bwrap
 that all of a sandbox's processes end before it is snapshotted for good or removed.
 
 When the worker runs as root each sandbox gets a host uid (and gid) of its own, from
-``uid_base`` up, recorded under ``<root>/.uids/<uid>`` (created exclusively, holding the
-sandbox's name) and ``<root>/.meta/<name>.uid``; its tree is owned by that uid. Then the
+``uid_base`` up, claimed in a registry **shared by the whole machine**
+(``uid_registry``, default ``/var/lib/lifecycle/sandbox-uids``: one file per uid naming
+the sandboxes root and the sandbox, claimed under a lock), and recorded in
+``<root>/.meta/<name>.uid``; its tree is owned by that uid. One registry per machine, not
+per data directory: two worker hosts (or a test run and ``lifecycle up``) on one machine
+must never hand the same uid to two sandboxes, or one's ``kill(-1)`` would end the
+other's processes. A claim whose sandbox record is gone is stale and taken over. Then the
 process limit counts that sandbox's processes only, ``kill(-1)`` as that uid ends all of
 them, and no sandbox can touch another's files even if one were somehow in view. The uid
 is released when the sandbox stops. Without root, commands run as the worker's user in a
@@ -17,10 +22,11 @@ user namespace of their own (see the runtime's notes on the process limit).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +43,8 @@ from worker.providers.safe_tree import chown_tree
 
 __all__ = ["BwrapSandboxProvider"]
 
-_UIDS_DIR = ".uids"
+#: Where sandbox uids are claimed, for every worker and data directory of the machine.
+DEFAULT_UID_REGISTRY = Path("/var/lib/lifecycle/sandbox-uids")
 _RUNS_DIR = ".run"
 
 
@@ -55,6 +62,7 @@ class BwrapSandboxProvider(LocalSandboxProvider):
         uid_base: int = 2_000_000,
         uid_count: int = 1_000_000,
         own_uids: bool | None = None,
+        uid_registry: Path | None = None,
         bwrap: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -64,6 +72,7 @@ class BwrapSandboxProvider(LocalSandboxProvider):
         self._uid_base = uid_base
         self._uid_count = uid_count
         self._own_uids = os.geteuid() == 0 if own_uids is None else own_uids
+        self._uid_registry = uid_registry or DEFAULT_UID_REGISTRY
         self._reachable = False
 
     # ----------------------------------------------------------------- commands
@@ -157,40 +166,68 @@ class BwrapSandboxProvider(LocalSandboxProvider):
             return None
         return SandboxUser(uid, uid)
 
-    def _allocate_user(self, name: str) -> SandboxUser:
-        """Claim the first free uid from a start derived from the name (exclusive file
-        create: of two claimants of one uid exactly one wins; the same name probing again
-        finds its own claim)."""
-        folder = self.root / _UIDS_DIR
+    def _owner(self, name: str) -> str:
+        """What a registry entry holds: this provider's root and the sandbox's name."""
+        return f"{self.root}\n{name}"
+
+    @contextlib.contextmanager
+    def _registry(self) -> Iterator[Path]:
+        """The machine's uid registry, locked against every other claimant."""
+        folder = self._uid_registry
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield folder
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _stale(entry: str, uid: int) -> bool:
+        """An entry whose sandbox no longer records that uid (stopped without releasing,
+        or its data directory deleted) holds nothing."""
+        root, _, name = entry.partition("\n")
+        try:
+            recorded = (Path(root) / ".meta" / f"{name}.uid").read_text(encoding="ascii")
+        except OSError:
+            return True
+        return recorded.strip() != str(uid)
+
+    def _allocate_user(self, name: str) -> SandboxUser:
+        """Claim the first free uid from a start derived from the name, in the machine's
+        registry under its lock (the same sandbox probing again finds its own claim)."""
+        owner = self._owner(name)
         start = zlib.crc32(name.encode()) % self._uid_count
-        for step in range(self._uid_count):
-            uid = self._uid_base + (start + step) % self._uid_count
-            path = folder / str(uid)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                with contextlib.suppress(OSError):
-                    if path.read_text(encoding="ascii") == name:
-                        break
-                continue
-            with os.fdopen(fd, "w", encoding="ascii") as fh:
-                fh.write(name)
-            break
-        else:
-            raise PermanentProviderError("no free sandbox uid left on this host")
-        record = self._uid_record(name)
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(f".{name}.uid.{os.getpid()}.tmp")
-        tmp.write_text(str(uid), encoding="ascii")
-        os.replace(tmp, record)
+        with self._registry() as folder:
+            for step in range(self._uid_count):
+                uid = self._uid_base + (start + step) % self._uid_count
+                path = folder / str(uid)
+                try:
+                    entry: str | None = path.read_text(encoding="utf-8")
+                except FileNotFoundError:
+                    entry = None
+                if entry is not None and entry != owner and not self._stale(entry, uid):
+                    continue
+                if entry != owner:
+                    tmp = folder / f".{uid}.{os.getpid()}.tmp"
+                    tmp.write_text(owner, encoding="utf-8")
+                    os.replace(tmp, path)
+                break
+            else:
+                raise PermanentProviderError("no free sandbox uid left on this host")
+            record = self._uid_record(name)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_name(f".{name}.uid.{os.getpid()}.tmp")
+            tmp.write_text(str(uid), encoding="ascii")
+            os.replace(tmp, record)
         return SandboxUser(uid, uid)
 
     def _release_user(self, name: str) -> None:
         user = self._recorded_user(name)
         self._uid_record(name).unlink(missing_ok=True)
-        if user is not None:
-            path = self.root / _UIDS_DIR / str(user.uid)
-            with contextlib.suppress(OSError):
-                if path.read_text(encoding="ascii") == name:
-                    path.unlink()
+        if user is None:
+            return
+        with self._registry() as folder, contextlib.suppress(OSError):
+            path = folder / str(user.uid)
+            if path.read_text(encoding="utf-8") == self._owner(name):
+                path.unlink()

@@ -65,6 +65,7 @@ def build_sandbox_provider(settings: Settings) -> SandboxProvider:
             network=settings.sandbox_network,
             uid_base=settings.sandbox_uid_base,
             uid_count=settings.sandbox_uid_count,
+            uid_registry=settings.sandbox_uid_registry,
         )
     from worker.providers.local_sandbox import LocalSandboxProvider
 
