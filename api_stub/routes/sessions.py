@@ -42,6 +42,7 @@ from api_stub.schemas import (
 )
 from worker.db.engine import get_sessionmaker
 from worker.db.models import OutboxRecord
+from worker.domain import filters
 from worker.domain.lifecycle import RunKind, SessionStatus
 from worker.errors import InvalidInput, PreconditionFailed
 from worker.services import accounts, idempotency, outbox, quotas, retention, runs, sessions
@@ -248,18 +249,7 @@ def list_sessions(
 ) -> Response:
     """The caller's sessions, newest first, keyset-paginated; with ``organizationId``,
     every session of that org."""
-    try:
-        status_value = SessionStatus(status) if status is not None else None
-    except ValueError:
-        raise InvalidInput(
-            "status must be one of running, completed, failed, archived", missing_fields=["status"]
-        ) from None
-    if limit is None:
-        size = 20
-    elif limit.isdigit() and 1 <= int(limit) <= 100:
-        size = int(limit)
-    else:
-        raise InvalidInput("limit must be an integer from 1 to 100", missing_fields=["limit"])
+    status_value, size = filters.parse_status(status), filters.parse_limit(limit)
     rows, next_cursor = sessions.list_sessions(
         db,
         account,
