@@ -364,11 +364,26 @@ def sessions_kick(
             _fail("Session not found")
             return
         result = _domain(
-            lambda: runs.request_run(db, record, run_kind, "cli", force=force, force_hint="--force")
+            lambda: runs.request_run(
+                db,
+                record,
+                run_kind,
+                "cli",
+                force=force,
+                force_hint="--force",
+                start_hint=f"lifecycle sessions kick {sid} start",
+            )
         )
-        run_id, created, jobs = str(result.run.id), result.created, result.outbox
-    outbox.publish_now(get_sessionmaker(), jobs, CeleryPublisher(celery_app))
-    typer.echo(json.dumps({"run": run_id, "coalesced": not created}))
+        answer = {
+            "run": str(result.run.id) if result.run is not None else None,
+            "coalesced": result.run is not None and not result.created,
+            "reason": result.reason,
+            "lifecycleState": record.lifecycle_state,
+        }
+        jobs = result.outbox
+    if jobs:
+        outbox.publish_now(get_sessionmaker(), jobs, CeleryPublisher(celery_app))
+    typer.echo(json.dumps(answer))
 
 
 def main() -> None:  # pragma: no cover
