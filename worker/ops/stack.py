@@ -16,6 +16,8 @@ Layout under the data directory (besides the providers' ``repos/``, ``sandboxes/
     redis/                    embedded Redis, with an append-only file
     logs/<child>.log          each child's output, appended across starts, rotated at 10 MiB (3 kept)
     dev-credentials.json      the development account and API key (mode 0600)
+    stack.json                the running stack's database, broker and API URLs (mode 0600),
+                              which the admin commands act on (worker.ops.target)
     up.lock                   held while a ``lifecycle up`` runs on this directory
 """
 
@@ -39,6 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from worker.logging import redact_text
 from worker.ops.ports import LOOPBACK, port_is_free
 from worker.ops.supervisor import STOP_GRACE, Supervisor
+from worker.ops.target import StackFile, write_stack_file
 from worker.providers.bwrap import find_bwrap
 
 CREDENTIALS_FILE = "dev-credentials.json"
@@ -336,6 +339,10 @@ class Stack:
             credentials_created=created,
             flower_authenticated=flower_auth,
             sandbox_provider=get_settings().sandbox_provider,
+        )
+        # Admin commands run from the same data directory act on this stack.
+        write_stack_file(
+            self.data_dir, StackFile(database_url, broker_url, api_url, pid=os.getpid())
         )
         if not self._wait_ready(api_url):
             return None
