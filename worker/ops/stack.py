@@ -381,6 +381,20 @@ class Stack:
         self.say("stopped")
 
 
+def lifecycle_command() -> str:
+    """How to type ``lifecycle`` in another terminal: the bare name when it is on the
+    PATH, else its path (``make run`` installs into ``.venv``, which is not)."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "lifecycle"
+    if not beside.exists() or shutil.which("lifecycle") == str(beside):
+        return "lifecycle"
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)
+
+
 def banner(info: StackInfo, data_dir: Path) -> str:
     creds = info.credentials
     db = redact_text(info.database_url) + ("  (embedded)" if info.embedded_database else "")
@@ -409,7 +423,7 @@ def banner(info: StackInfo, data_dir: Path) -> str:
         + ("" if not info.credentials_created else "  (new)")
         + f", saved in {credentials_path(data_dir)}",
         "",
-        "Try it:    lifecycle demo          (in another terminal)",
+        f"Try it:    {lifecycle_command()} demo          (in another terminal)",
         f"           curl -H 'x-api-key: {creds.key}' -X POST {info.api_url}/api/sessions",
         "Ctrl-C stops everything.",
         "",
