@@ -1,7 +1,7 @@
-"""The README's "A first session" works as written after ``make run``: its shell blocks,
-taken from README.md verbatim, run in one bash (as a person types them into one
-terminal, from the repository) against a ``lifecycle up`` this test starts in a fresh
-data directory on free ports. Only ``LIFECYCLE_DATA_DIR`` and ``API`` tell the blocks
+"""The README's "A first session" works as written after ``make run``: its shell blocks
+(and those of "Quotas", which go on from it), taken from README.md verbatim, run in one
+bash (as a person types them into one terminal, from the repository) against a
+``lifecycle up`` this test starts in a fresh data directory on free ports. Only ``LIFECYCLE_DATA_DIR`` and ``API`` tell the blocks
 where that stack is, as ``./.lifecycle`` and the default port would after ``make run``;
 no database URL is set, so the admin commands must find the stack themselves."""
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import LIFECYCLE, ROOT, wait_until
+from tests.support.processes import LIFECYCLE, ROOT, wait_until
 from worker.ops.embedded import find_free_port
 
 pytestmark = pytest.mark.e2e
@@ -37,11 +37,17 @@ def readme_blocks(section: str = SECTION) -> list[str]:
     return re.findall(r"^```sh\n(.*?)^```$", body, flags=re.MULTILINE | re.DOTALL)
 
 
-def test_the_section_has_the_blocks_this_test_runs() -> None:
-    blocks = readme_blocks()
-    assert len(blocks) == 2, blocks
-    assert blocks[0].startswith(". .venv/bin/activate")
-    assert "lifecycle accounts create" in blocks[0] and "${API:-" in blocks[0]
+#: The runnable sections, in the order a reader meets them; later blocks use the
+#: variables the first section sets (``$ACCOUNT``), as in one terminal.
+SECTIONS = (SECTION, "### Quotas")
+
+
+def test_the_sections_have_the_blocks_this_test_runs() -> None:
+    first, quotas = (readme_blocks(s) for s in SECTIONS)
+    assert len(first) == 2, first
+    assert first[0].startswith(". .venv/bin/activate")
+    assert "lifecycle accounts create" in first[0] and "${API:-" in first[0]
+    assert len(quotas) == 1 and "lifecycle accounts limits" in quotas[0], quotas
 
 
 @dataclass
@@ -103,7 +109,7 @@ def test_a_first_session_runs_verbatim(up: Up) -> None:
         pytest.skip(f"the README's snippet needs {', '.join(missing)} (not installed)")
     if not (ROOT / ".venv" / "bin" / "activate").exists():
         pytest.skip("the README's snippet activates .venv, which `make run` / `make test` make")
-    script = "set -e\n" + "\n".join(readme_blocks())
+    script = "set -e\n" + "\n".join(b for s in SECTIONS for b in readme_blocks(s))
     env = {**_bare_env(), "LIFECYCLE_DATA_DIR": str(up.data_dir), "API": up.api_url}
     done = subprocess.run(
         ["bash", "-c", script],
@@ -123,7 +129,7 @@ def test_a_first_session_runs_verbatim(up: Up) -> None:
         f"using the database at postgresql+psycopg://postgres@127.0.0.1:{port}/lifecycle "
         f"(the `lifecycle up` stack in {up.data_dir})"
     )
-    assert done.stderr.splitlines() == [using, using, using], done.stderr
+    assert done.stderr.splitlines() == [using] * 5, done.stderr
 
     # The POST's answer (pretty-printed by jq): provisioning at version 0.
     out = done.stdout
@@ -141,6 +147,11 @@ def test_a_first_session_runs_verbatim(up: Up) -> None:
     assert f"{sid} is active" in rest, out
     table = rest.split(f"{sid} is active", 1)[1]
     assert sid in table and "first" in table and "active" in table, table
+    # The quotas block: Ada's own limits, then back to the defaults.
+    assert table.strip().splitlines()[-2:] == [
+        '{"maxActiveSandboxes": 2, "maxSessions": 50}',
+        '{"maxActiveSandboxes": null, "maxSessions": null}',
+    ], table
     creds = json.loads((up.data_dir / "dev-credentials.json").read_text())
     owner = httpx.get(
         f"{up.api_url}/api/sessions/{sid}", headers={"x-api-key": creds["key"]}, timeout=10
