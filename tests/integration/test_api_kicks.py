@@ -74,6 +74,14 @@ def test_a_kick_the_session_already_satisfies_answers_200_and_records_nothing(
     assert body["reason"] == reason
     assert body["session"]["id"] == sid and body["session"]["lifecycleState"] == state
     assert row_counts() == before
+    # The kick is still an event, saying there was nothing to do.
+    (event,) = sql(
+        "SELECT run_id, reason, data FROM events WHERE type = 'session.kicked'"
+        " AND session_id = :id",
+        id=sid,
+    )
+    assert event.run_id is None and event.reason.endswith(f"(nothing to do: {reason})")
+    assert event.data == {"kind": kind, "coalesced": False, "satisfied": True, "force": False}
 
 
 # --------------------------------------------------------------------------- cannot act
