@@ -289,6 +289,7 @@ ADMIN_COMMANDS = [
     ["keys", "create", "--account", "abc"],
     ["keys", "revoke", "abc"],
     ["orgs", "add-member", "--org", "abc", "--account", "abd"],
+    ["orgs", "remove-member", "--org", "abc", "--account", "abd"],
     ["sessions", "list"],
     ["sessions", "show", "abc"],
     ["sessions", "kick", "abc", "start"],

@@ -371,14 +371,18 @@ def orgs_add_member(
 
 @orgs_app.command("remove-member")
 def orgs_remove_member(
-    org: Annotated[str, typer.Option("--org", help="Organization account id")],
-    account: Annotated[str, typer.Option("--account", help="Member account id")],
+    org: Annotated[str, typer.Option("--org", help="Organization account id (or its start)")],
+    account: Annotated[str, typer.Option("--account", help="Member account id (or its start)")],
+    data_dir: DataDirOption = None,
 ) -> None:
     """End ACCOUNT's membership of ORG: it loses the org's sessions at once."""
+    from worker.db.models import AccountRecord
     from worker.services import accounts
 
-    org_id, account_id = _uuid(org, "--org"), _uuid(account, "--account")
+    _use_stack(data_dir)
     with _db() as db:
+        org_id = _resolve_id(db, AccountRecord, org, "organization")
+        account_id = _resolve_id(db, AccountRecord, account, "account")
         _domain(lambda: accounts.remove_member(db, org_id, account_id))
     typer.echo(f"{account_id} is no longer a member of {org_id}")
 
