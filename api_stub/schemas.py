@@ -205,7 +205,14 @@ class SessionCreated(BaseModel):
 
 class SessionRun(BaseModel):
     session: SessionRead
-    run: RunRead
+    run: RunRead | None = Field(
+        description="The run that will act: new, or the open one the kick joined; null when "
+        "nothing needs doing"
+    )
+    reason: str | None = Field(
+        description="Why no new run was recorded (joined an open run, or already satisfied); "
+        "null when one was"
+    )
 
 
 class SessionPage(BaseModel):

@@ -42,6 +42,7 @@ from api_stub.schemas import (
 )
 from worker.db.engine import get_sessionmaker
 from worker.db.models import OutboxRecord
+from worker.domain import filters
 from worker.domain.lifecycle import RunKind, SessionStatus
 from worker.errors import InvalidInput, PreconditionFailed
 from worker.services import accounts, idempotency, outbox, quotas, retention, runs, sessions
@@ -248,18 +249,7 @@ def list_sessions(
 ) -> Response:
     """The caller's sessions, newest first, keyset-paginated; with ``organizationId``,
     every session of that org."""
-    try:
-        status_value = SessionStatus(status) if status is not None else None
-    except ValueError:
-        raise InvalidInput(
-            "status must be one of running, completed, failed, archived", missing_fields=["status"]
-        ) from None
-    if limit is None:
-        size = 20
-    elif limit.isdigit() and 1 <= int(limit) <= 100:
-        size = int(limit)
-    else:
-        raise InvalidInput("limit must be an integer from 1 to 100", missing_fields=["limit"])
+    status_value, size = filters.parse_status(status), filters.parse_limit(limit)
     rows, next_cursor = sessions.list_sessions(
         db,
         account,
@@ -344,22 +334,54 @@ def _kick(
     *,
     force: bool = False,
 ) -> Response:
+    """202 ``{session, run, reason}`` with the run that will act (new, or the open one the
+    kick joined, ``reason`` saying which); 200 with ``run: null`` and ``reason`` when the
+    session is already there; 409 (with ``lifecycleState``) when the kick cannot act."""
     with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
         if kind is RunKind.START:
             quotas.check_start(db, app_settings(request), record)
-        result = runs.request_run(db, record, kind, "api", force=force, force_hint="?force=true")
+        result = runs.request_run(
+            db,
+            record,
+            kind,
+            "api",
+            force=force,
+            force_hint="?force=true",
+            start_hint=f"POST /api/sessions/{record.id}/sandbox",
+        )
         kick_events.kicked(db, record, kind, result, force=force)
-        payload = {"session": session_dict(record), "run": run_dict(result.run)}
+        payload = {
+            "session": session_dict(record),
+            "run": run_dict(result.run) if result.run is not None else None,
+            "reason": result.reason,
+        }
     _publish(request, result.outbox)
-    return JSONResponse(payload, status_code=202)
+    return JSONResponse(payload, status_code=200 if result.satisfied else 202)
 
 
-_KICK_DOC: dict[str, Any] = {"response_model": SessionRun, "status_code": 202, "responses": _ERRORS}
+_KICK_DOC: dict[str, Any] = {
+    "response_model": SessionRun,
+    "status_code": 202,
+    "responses": {
+        **_ERRORS,
+        200: {
+            "model": SessionRun,
+            "description": "Nothing to do: the session is already where the kick would take "
+            "it (`run` is null, `reason` says why)",
+        },
+        409: {
+            "model": ErrorBody,
+            "description": "The session is archived, or has no live sandbox for this kick "
+            "(`lifecycleState`, and `resume`: the start endpoint)",
+        },
+    },
+}
 
 
 @router.post("/{session_id}/sandbox", summary="Start or resume the sandbox", **_KICK_DOC)
 def kick_start(request: Request, session_id: str, account: AccountDep, db: DbDep) -> Response:
+    """202 with the start (or provision) run; joins one in flight. 200 when already active."""
     return _kick(request, session_id, account, db, RunKind.START)
 
 
@@ -373,17 +395,23 @@ def kick_hibernate(
         bool, Query(description="hibernate even while a chat's stream claim is live")
     ] = False,
 ) -> Response:
-    """409 while a chat of the session holds a live stream claim, unless ``force``."""
+    """202 with the hibernate run; joins one in flight. 200 when already hibernated. 409
+    while a chat of the session holds a live stream claim, unless ``force``, and when the
+    session has no live sandbox (failed, never started)."""
     return _kick(request, session_id, account, db, RunKind.HIBERNATE, force=force)
 
 
 @router.post("/{session_id}/snapshots", summary="Take a snapshot", **_KICK_DOC)
 def kick_snapshot(request: Request, session_id: str, account: AccountDep, db: DbDep) -> Response:
+    """202 with the snapshot run, or the open one (snapshot, hibernate, archive) that takes
+    it. 409 when the session has no live sandbox (hibernated: its snapshot is its work)."""
     return _kick(request, session_id, account, db, RunKind.SNAPSHOT)
 
 
 @router.post("/{session_id}/diff", summary="Recompute the cached diff", **_KICK_DOC)
 def kick_diff(request: Request, session_id: str, account: AccountDep, db: DbDep) -> Response:
+    """202 with the diff run, or the open one (diff, hibernate, archive) that computes it.
+    409 when the session has no live sandbox (hibernated: GET the diff it left)."""
     return _kick(request, session_id, account, db, RunKind.DIFF)
 
 

@@ -267,6 +267,10 @@ def test_kicks_coalesce(stack: Stack, caller: Caller) -> None:
         assert first["kind"] == "provision"
         wait_state(client, sid, "active")
         runs_before = len(history(client, sid))
-        again = kick(client, sid, "sandbox")  # already satisfied
-        assert again["state"] == "succeeded"
+        # Already satisfied: 200, nothing recorded, and the answer says so (no old run).
+        r = client.post(f"/api/sessions/{sid}/sandbox")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["run"] is None and body["reason"] == "the sandbox is already running"
+        assert body["session"]["lifecycleState"] == "active"
         assert len(history(client, sid)) == runs_before

@@ -63,6 +63,7 @@ def test_a_whole_life_is_told_with_reasons(
     assert by_type["session.kicked"]["data"] == {
         "kind": "hibernate",
         "coalesced": False,
+        "satisfied": False,
         "force": False,
     }
     assert by_type["session.active"]["reason"] == "start after provisioning"

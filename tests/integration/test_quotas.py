@@ -110,8 +110,11 @@ def test_refusals_say_why_and_when_to_retry(client: TestClient, caller: Caller) 
     r = client.post("/api/sessions", headers=caller.headers)
     assert r.status_code == 429 and 590 <= int(r.headers["Retry-After"]) <= 600
     assert r.json()["retryAfterSeconds"] == int(r.headers["Retry-After"])
-    # A start kick of the session that already holds the sandbox is not refused.
-    assert client.post(f"/api/sessions/{first}/sandbox", headers=caller.headers).status_code == 202
+    # A start kick of the session that already holds the sandbox is not refused: it is
+    # already running (200, run null), not over the cap.
+    r = client.post(f"/api/sessions/{first}/sandbox", headers=caller.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["run"] is None and r.json()["reason"] == "the sandbox is already running"
     # Without a limit of its own the operator's default applies (none here).
     _limit(caller.account_id)
     assert client.post("/api/sessions", headers=caller.headers).status_code == 200

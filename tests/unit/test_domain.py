@@ -57,7 +57,15 @@ def test_kick_satisfied(kind: RunKind, state: LifecycleState, satisfied: bool) -
 
 def test_a_provision_in_flight_covers_a_start_kick() -> None:
     assert RunKind.PROVISION in coalescing_kinds(RunKind.START)
-    assert coalescing_kinds(RunKind.DIFF) == (RunKind.DIFF,)
+    assert coalescing_kinds(RunKind.HIBERNATE) == (RunKind.HIBERNATE,)
+    assert coalescing_kinds(RunKind.START) == (RunKind.START, RunKind.PROVISION)
+
+
+@pytest.mark.parametrize("kind", [RunKind.SNAPSHOT, RunKind.DIFF])
+def test_a_hibernate_or_archive_in_flight_covers_a_snapshot_or_diff_kick(kind: RunKind) -> None:
+    """Both take a snapshot and recompute the diff before the sandbox stops; a snapshot or
+    diff queued behind them would find no sandbox and be skipped."""
+    assert coalescing_kinds(kind) == (kind, RunKind.HIBERNATE, RunKind.ARCHIVE)
 
 
 def test_runs_on_a_live_sandbox_go_to_its_host_queue() -> None:

@@ -95,6 +95,10 @@ def coalescing_kinds(kind: RunKind) -> tuple[RunKind, ...]:
     if kind is RunKind.START:
         # A provision run chains into a start run.
         return (RunKind.START, RunKind.PROVISION)
+    if kind in (RunKind.SNAPSHOT, RunKind.DIFF):
+        # A hibernate or archive takes a snapshot and recomputes the diff before it stops
+        # the sandbox (a snapshot or diff queued after it would find no sandbox).
+        return (kind, RunKind.HIBERNATE, RunKind.ARCHIVE)
     return (kind,)
 
 

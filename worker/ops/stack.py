@@ -16,6 +16,8 @@ Layout under the data directory (besides the providers' ``repos/``, ``sandboxes/
     redis/                    embedded Redis, with an append-only file
     logs/<child>.log          each child's output, appended across starts, rotated at 10 MiB (3 kept)
     dev-credentials.json      the development account and API key (mode 0600)
+    stack.json                the running stack's database, broker and API URLs (mode 0600),
+                              which the admin commands act on (worker.ops.target)
     up.lock                   held while a ``lifecycle up`` runs on this directory
 """
 
@@ -39,6 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from worker.logging import redact_text
 from worker.ops.ports import LOOPBACK, port_is_free
 from worker.ops.supervisor import STOP_GRACE, Supervisor
+from worker.ops.target import StackFile, write_stack_file
 from worker.providers.bwrap import find_bwrap
 
 CREDENTIALS_FILE = "dev-credentials.json"
@@ -337,6 +340,10 @@ class Stack:
             flower_authenticated=flower_auth,
             sandbox_provider=get_settings().sandbox_provider,
         )
+        # Admin commands run from the same data directory act on this stack.
+        write_stack_file(
+            self.data_dir, StackFile(database_url, broker_url, api_url, pid=os.getpid())
+        )
         if not self._wait_ready(api_url):
             return None
         return self.info
@@ -374,6 +381,20 @@ class Stack:
         self.say("stopped")
 
 
+def lifecycle_command() -> str:
+    """How to type ``lifecycle`` in another terminal: the bare name when it is on the
+    PATH, else its path (``make run`` installs into ``.venv``, which is not)."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "lifecycle"
+    if not beside.exists() or shutil.which("lifecycle") == str(beside):
+        return "lifecycle"
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)
+
+
 def banner(info: StackInfo, data_dir: Path) -> str:
     creds = info.credentials
     db = redact_text(info.database_url) + ("  (embedded)" if info.embedded_database else "")
@@ -402,7 +423,7 @@ def banner(info: StackInfo, data_dir: Path) -> str:
         + ("" if not info.credentials_created else "  (new)")
         + f", saved in {credentials_path(data_dir)}",
         "",
-        "Try it:    lifecycle demo          (in another terminal)",
+        f"Try it:    {lifecycle_command()} demo          (in another terminal)",
         f"           curl -H 'x-api-key: {creds.key}' -X POST {info.api_url}/api/sessions",
         "Ctrl-C stops everything.",
         "",

@@ -211,14 +211,25 @@ def kicked(
     *,
     force: bool = False,
 ) -> int:
-    """``session.kicked``: an API kick, whether it queued a run or joined one (a kick
-    that coalesces changes no row, so no trigger would say it happened)."""
-    joined = "" if result.created else f" (joined the open {result.run.kind} run)"
+    """``session.kicked``: an API kick, whether it queued a run, joined one, or found
+    nothing to do (``satisfied``, no run; a kick that records no run changes no row, so
+    no trigger would say it happened)."""
+    if result.run is None:
+        note = f" (nothing to do: {result.reason})"
+    elif result.created:
+        note = ""
+    else:
+        note = f" (joined the open {result.run.kind} run)"
     return append(
         db,
         "session.kicked",
         session=session,
-        run_id=result.run.id,
-        reason=f"{kind.value} requested by {ACTOR}{joined}",
-        data={"kind": kind.value, "coalesced": not result.created, "force": force},
+        run_id=result.run.id if result.run is not None else None,
+        reason=f"{kind.value} requested by {ACTOR}{note}",
+        data={
+            "kind": kind.value,
+            "coalesced": result.run is not None and not result.created,
+            "satisfied": result.satisfied,
+            "force": force,
+        },
     )

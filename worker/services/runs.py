@@ -30,9 +30,18 @@ FORCE_TRIGGER = "force"
 
 @dataclass
 class KickResult:
-    run: LifecycleRunRecord
-    created: bool  # False when the kick coalesced onto an existing run
+    #: The run that will do what the kick asked: new, or the open run it joined.
+    #: None when nothing needs doing (the session is already there; ``reason`` says so).
+    run: LifecycleRunRecord | None
+    created: bool  # a new run was recorded
     outbox: list[OutboxRecord]
+    #: Why no new run was recorded (None when one was).
+    reason: str | None = None
+
+    @property
+    def satisfied(self) -> bool:
+        """Nothing to do: the session is already where the kick would take it."""
+        return self.run is None
 
 
 def enqueue(db: Session, session: SessionRecord, run: LifecycleRunRecord) -> OutboxRecord:
@@ -82,20 +91,49 @@ def request_run(
     *,
     force: bool = False,
     force_hint: str,
+    start_hint: str,
 ) -> KickResult:
     """A kick from outside (the API, the command line), under the kick rules; the caller
-    holds ``session`` locked (``FOR UPDATE``) and commits.
+    holds ``session`` locked (``FOR UPDATE``) and commits. Every kick either records or
+    joins a run that will act, or says why none is needed, or is refused saying how to
+    get there (docs/architecture.md, "Kicks", has the table):
 
-    An archived session refuses every kick (Conflict) but an archive while its status is
-    archived: un-archive it first (status ``running``). A hibernate while a chat of the
-    session holds a live stream claim is refused (Conflict, ``activeStreamId``) unless
-    ``force``, which records the run with the ``force`` trigger (its claim then ignores
-    the stream). ``force_hint`` tells the caller how to ask for force (``?force=true``,
-    ``--force``). Then :func:`kick`."""
-    if session.lifecycle_state == LifecycleState.ARCHIVED.value or (
-        session.status == SessionStatus.ARCHIVED.value and kind is not RunKind.ARCHIVE
-    ):
+    - An archived session refuses every kick (Conflict) but an archive while its status
+      is archived: un-archive it first (status ``running``). An archive kick on a
+      session whose status is not ``archived`` is refused too: archiving is the status
+      change (``PATCH {"status": "archived"}``), which records the run.
+    - With no run open: a kick the session already satisfies (start on ``active``,
+      hibernate on ``hibernated``, archive on ``archived``) records nothing and answers
+      with ``reason`` (``run`` None). A hibernate, snapshot or diff on a session with no
+      live sandbox (hibernated, failed, never started) is refused (Conflict with
+      ``lifecycleState`` and ``resume``): its run would only be skipped. ``start_hint``
+      tells the caller how to start the sandbox.
+    - A hibernate while a chat of the session holds a live stream claim is refused
+      (Conflict, ``activeStreamId``) unless ``force``, which records the run with the
+      ``force`` trigger (its claim then ignores the stream). ``force_hint`` tells the
+      caller how to ask for force (``?force=true``, ``--force``).
+    - Then :func:`kick`: join an open run that covers the kick, or record a new one."""
+    state = LifecycleState(session.lifecycle_state)
+    if kind is RunKind.ARCHIVE:
+        if state is LifecycleState.ARCHIVED:
+            return KickResult(None, created=False, outbox=[], reason="the session is archived")
+        if session.status != SessionStatus.ARCHIVED.value:
+            raise Conflict(
+                "Archiving is a status change: set status to archived "
+                f'(PATCH /api/sessions/{session.id} {{"status": "archived"}})',
+                lifecycleState=state.value,
+            )
+    elif state is LifecycleState.ARCHIVED or session.status == SessionStatus.ARCHIVED.value:
         raise Conflict("Session is archived; set status to running to unarchive it first")
+    if not open_runs(db, session.id):
+        if is_kick_satisfied(kind, state):
+            return KickResult(None, created=False, outbox=[], reason=_SATISFIED[kind])
+        if kind in _NEEDS_LIVE_SANDBOX and state is not LifecycleState.ACTIVE:
+            raise Conflict(
+                _no_live_sandbox(kind, state, session) + f": start the sandbox first: {start_hint}",
+                lifecycleState=state.value,
+                resume=f"/api/sessions/{session.id}/sandbox",
+            )
     if kind is RunKind.HIBERNATE:
         if force:
             trigger = FORCE_TRIGGER
@@ -110,18 +148,52 @@ def request_run(
     return kick(db, session, kind, trigger)
 
 
+#: Why a kick that the session already satisfies records nothing.
+_SATISFIED: dict[RunKind, str] = {
+    RunKind.START: "the sandbox is already running",
+    RunKind.HIBERNATE: "the session is already hibernated",
+    RunKind.ARCHIVE: "the session is archived",
+}
+#: Kicks whose run works on the live sandbox (their claim needs an active session).
+_NEEDS_LIVE_SANDBOX = (RunKind.HIBERNATE, RunKind.SNAPSHOT, RunKind.DIFF)
+
+
+def _no_live_sandbox(kind: RunKind, state: LifecycleState, session: SessionRecord) -> str:
+    """Why a hibernate, snapshot or diff cannot act on a session in ``state``."""
+    if state is LifecycleState.HIBERNATED and kind is RunKind.SNAPSHOT:
+        return (
+            "Session is hibernated: its sandbox is stopped and its work is in the snapshot "
+            "taken when it hibernated (snapshotUrl); to take a new one"
+        )
+    if state is LifecycleState.HIBERNATED and kind is RunKind.DIFF:
+        return (
+            "Session is hibernated: its cached diff (GET /api/sessions/"
+            f"{session.id}/diff) was computed when it hibernated; to recompute it"
+        )
+    return f"Session has no live sandbox to {kind.value} (lifecycleState {state.value})"
+
+
 def kick(db: Session, session: SessionRecord, kind: RunKind, trigger: str) -> KickResult:
     """Ask for a run of ``kind``. The caller holds ``session`` locked (``FOR UPDATE``).
 
-    Coalesces onto an open run that already covers the kick, or onto the last run when
-    the session is already where the kick would take it. Otherwise records a new run:
+    Joins an open run that already covers the kick (a snapshot or diff joins an open
+    hibernate or archive, which takes both), or, with none open, the last run when the
+    session is already where the kick would take it. Otherwise records a new run:
     queued (with its job in the outbox) when the session is free, else pending until the
     current run finishes, so runs of one session never overlap."""
     state = LifecycleState(session.lifecycle_state)
     runs = open_runs(db, session.id)
     for run in runs:
-        if RunKind(run.kind) in coalescing_kinds(kind):
-            return KickResult(run, created=False, outbox=[])
+        joined = RunKind(run.kind)
+        if joined in coalescing_kinds(kind):
+            if joined is kind or joined is RunKind.PROVISION:
+                reason = f"a {joined.value} run is already {run.state}; the kick joins it"
+            else:
+                reason = (
+                    f"the {joined.value} run already {run.state} takes a snapshot "
+                    "and recomputes the diff"
+                )
+            return KickResult(run, created=False, outbox=[], reason=reason)
     if not runs and is_kick_satisfied(kind, state):
         last = db.scalars(
             select(LifecycleRunRecord)
@@ -130,7 +202,7 @@ def kick(db: Session, session: SessionRecord, kind: RunKind, trigger: str) -> Ki
             .limit(1)
         ).first()
         if last is not None:
-            return KickResult(last, created=False, outbox=[])
+            return KickResult(last, created=False, outbox=[], reason=_SATISFIED.get(kind))
     # A start on a session whose repo was never provisioned provisions first (it chains).
     if kind is RunKind.START and session.provisioned_at is None:
         kind = RunKind.PROVISION
