@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse, Response
 
-from api_stub import conditional
+from api_stub import conditional, fields
 from api_stub.deps import AccountDep, BodyDep, DbDep, SettingsDep, transaction
 from api_stub.schemas import (
     ChatEnvelope,
@@ -41,39 +41,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _body_doc(model: type[Any]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": False,
-            "content": {"application/json": {"schema": model.model_json_schema(by_alias=True)}},
-        }
-    }
-
-
-def _text(data: dict[str, Any], key: str) -> str | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or "\x00" in value:
-        raise InvalidInput(f"{key} must be a string", missing_fields=[key])
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInput(f"{key} must be valid text", missing_fields=[key]) from None
-    return value
-
-
-def _limit(limit: str | None, default: int = 20, maximum: int = 100) -> int:
-    if limit is None:
-        return default
-    if limit.isdigit() and 1 <= int(limit) <= maximum:
-        return int(limit)
-    raise InvalidInput(f"limit must be an integer from 1 to {maximum}", missing_fields=["limit"])
-
-
 def _chat_response(chat: ChatRecord, status_code: int = 200) -> Response:
-    data = chat_dict(chat)
-    return JSONResponse({"chat": data}, status_code=status_code, headers={"ETag": etag_of(data)})
+    return fields.etag_response("chat", chat_dict(chat), status_code=status_code)
 
 
 @router.get("", response_model=ChatPage, responses=_ERRORS, summary="List chats")
@@ -86,7 +55,9 @@ def list_chats(
 ) -> Response:
     """The session's chats, newest first, each with ``unread`` for the caller."""
     record = sessions.get_owned(db, account, session_id)
-    views, next_cursor = chats.list_chats(db, record, account, limit=_limit(limit), cursor=cursor)
+    views, next_cursor = chats.list_chats(
+        db, record, account, limit=fields.limit_param(limit), cursor=cursor
+    )
     items = [{**chat_dict(v.chat), "unread": v.unread} for v in views]
     return JSONResponse({"chats": items, "nextCursor": next_cursor})
 
@@ -96,7 +67,7 @@ def list_chats(
     response_model=ChatEnvelope,
     status_code=201,
     responses=_ERRORS,
-    openapi_extra=_body_doc(ChatWrite),
+    openapi_extra=fields.body_doc(ChatWrite),
     summary="Create chat",
 )
 def create_chat(
@@ -105,7 +76,7 @@ def create_chat(
     data, _ = body
     with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
-        title, model_id = _text(data, "title"), _text(data, "modelId")
+        title, model_id = fields.text_field(data, "title"), fields.text_field(data, "modelId")
         chat = chats.create_chat(db, settings, record, title, model_id)
         response = _chat_response(chat, 201)
     return response
@@ -121,18 +92,14 @@ def get_chat(
 ) -> Response:
     record = sessions.get_owned(db, account, session_id)
     chat = chats.get_chat(db, record, chat_id)
-    data = chat_dict(chat)
-    etag = etag_of(data)
-    if conditional.none_match(if_none_match, etag):
-        return Response(status_code=304, headers={"ETag": etag})
-    return JSONResponse({"chat": data}, headers={"ETag": etag})
+    return fields.etag_response("chat", chat_dict(chat), if_none_match)
 
 
 @router.patch(
     "/{chat_id}",
     response_model=ChatEnvelope,
     responses=_ERRORS,
-    openapi_extra=_body_doc(ChatWrite),
+    openapi_extra=fields.body_doc(ChatWrite),
     summary="Rename chat or change its model",
 )
 def patch_chat(
@@ -148,7 +115,7 @@ def patch_chat(
     with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
         chat = chats.get_chat(db, record, chat_id, lock=True)
-        title, model_id = _text(data, "title"), _text(data, "modelId")
+        title, model_id = fields.text_field(data, "title"), fields.text_field(data, "modelId")
         if if_match is not None and not conditional.if_match_holds(
             if_match, etag_of(chat_dict(chat))
         ):
@@ -202,7 +169,7 @@ def list_messages(
     record = sessions.get_owned(db, account, session_id)
     chat = chats.get_chat(db, record, chat_id)
     rows, next_after = chats.list_messages(
-        db, chat, after=int(after) if after else None, limit=_limit(limit, 100, 500)
+        db, chat, after=int(after) if after else None, limit=fields.limit_param(limit, 100, 500)
     )
     return JSONResponse({"messages": [message_dict(m) for m in rows], "nextAfter": next_after})
 
@@ -212,7 +179,7 @@ def list_messages(
     response_model=MessageEnvelope,
     status_code=201,
     responses=_ERRORS,
-    openapi_extra=_body_doc(MessageWrite),
+    openapi_extra=fields.body_doc(MessageWrite),
     summary="Append a message",
 )
 def append_message(
@@ -258,7 +225,7 @@ def get_stream(session_id: str, chat_id: str, account: AccountDep, db: DbDep) ->
     "/{chat_id}/stream",
     response_model=StreamClaimRead,
     responses=_ERRORS,
-    openapi_extra=_body_doc(StreamClaimWrite),
+    openapi_extra=fields.body_doc(StreamClaimWrite),
     summary="Claim (or renew) the chat's stream",
 )
 def claim_stream(
@@ -286,7 +253,7 @@ def claim_stream(
     "/{chat_id}/stream",
     status_code=204,
     responses=_ERRORS,
-    openapi_extra=_body_doc(StreamRelease),
+    openapi_extra=fields.body_doc(StreamRelease),
     summary="Release the chat's stream",
 )
 def release_stream(

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from api_stub import fields
 from api_stub.deps import AccountDep, BodyDep, DbDep, SettingsDep, transaction
 from api_stub.routes.sessions import _ERRORS, _publish
 from worker.config import Settings
@@ -55,27 +56,17 @@ def command_dict(c: CommandRecord, *, output: bool = True) -> dict[str, Any]:
     return data
 
 
-def _text(value: object, key: str) -> str:
-    if not isinstance(value, str) or "\x00" in value:
-        raise InvalidInput(f"{key} must be text without NUL", missing_fields=[key])
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInput(f"{key} must be valid text", missing_fields=[key]) from None
-    return value
-
-
 def _argv(data: dict[str, Any]) -> list[str]:
     argv, cmd = data.get("argv"), data.get("cmd")
     if (argv is None) == (cmd is None):
         raise InvalidInput("give exactly one of argv or cmd", missing_fields=["argv", "cmd"])
     if cmd is not None:
-        return ["/bin/sh", "-c", _text(cmd, "cmd")]
+        return ["/bin/sh", "-c", fields.text(cmd, "cmd")]
     if not isinstance(argv, list) or not argv or len(argv) > _MAX_ARGS:
         raise InvalidInput(
             f"argv must be a list of 1 to {_MAX_ARGS} strings", missing_fields=["argv"]
         )
-    out = [_text(a, "argv") for a in argv]
+    out = [fields.text(a, "argv") for a in argv]
     if not out[0]:
         raise InvalidInput("argv[0] must name a program", missing_fields=["argv"])
     return out
@@ -91,7 +82,7 @@ def _env(data: dict[str, Any]) -> dict[str, str]:
             missing_fields=["env"],
         )
     try:
-        return validate_env({k: _text(v, "env") for k, v in env.items()})
+        return validate_env({k: fields.text(v, "env") for k, v in env.items()})
     except PermanentProviderError as exc:
         raise InvalidInput(str(exc), missing_fields=["env"]) from None
 
@@ -119,11 +110,11 @@ def parse_request(data: dict[str, Any], settings: Settings) -> commands.CommandR
     argv = _argv(data)
     cwd = data.get("cwd")
     try:
-        cwd_inside = inside_cwd(None if cwd is None else _text(cwd, "cwd"))
+        cwd_inside = inside_cwd(None if cwd is None else fields.text(cwd, "cwd"))
     except PermanentProviderError as exc:
         raise InvalidInput(str(exc), missing_fields=["cwd"]) from None
     stdin = data.get("stdin")
-    stdin_bytes = None if stdin is None else _text(stdin, "stdin").encode()
+    stdin_bytes = None if stdin is None else fields.text(stdin, "stdin").encode()
     if stdin_bytes is not None and len(stdin_bytes) > settings.command_max_stdin_bytes:
         raise InvalidInput(
             f"stdin must be at most {settings.command_max_stdin_bytes} bytes",

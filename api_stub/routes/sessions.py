@@ -8,9 +8,8 @@ from typing import Annotated, Any
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 
-from api_stub import conditional
+from api_stub import conditional, fields
 from api_stub.deps import (
     AccountDep,
     Authorization,
@@ -54,7 +53,6 @@ router = APIRouter(prefix="/api/sessions", tags=["sessions"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 412, 413, 503)
 }
-_INT_MAX = 2**31 - 1
 RawBodyDep = Annotated[RawBody, Depends(raw_body)]
 
 
@@ -69,76 +67,19 @@ def _publish(request: Request, records: list[OutboxRecord] | list[outbox.OutboxR
     request.app.state.background_publisher.submit(rows)
 
 
-def _uuid_field(data: dict[str, Any], key: str) -> uuid.UUID | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    try:
-        if not isinstance(value, str):
-            raise ValueError
-        return uuid.UUID(value)
-    except ValueError:
-        raise InvalidInput(f"{key} must be a valid UUID", missing_fields=[key]) from None
-
-
-def _str_field(data: dict[str, Any], key: str) -> str | None:
-    value = data.get(key)
-    if value is not None and not isinstance(value, str):
-        raise InvalidInput(f"{key} must be a string", missing_fields=[key])
-    if value is not None and ("\x00" in value or not _is_utf8_encodable(value)):
-        # PostgreSQL text cannot hold NUL, and lone surrogates are not UTF-8: refuse, not 500.
-        raise InvalidInput(
-            f"{key} must be valid text (no NUL or lone surrogates)", missing_fields=[key]
-        )
-    return value
-
-
-def _is_utf8_encodable(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _count_field(data: dict[str, Any], key: str) -> int | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT_MAX:
-        raise InvalidInput(f"{key} must be an integer >= 0", missing_fields=[key])
-    return value
-
-
-def _seconds_field(data: dict[str, Any], key: str) -> int | None:
-    value = _count_field(data, key)
-    if value == 0:
-        raise InvalidInput(f"{key} must be an integer >= 1", missing_fields=[key])
-    return value
-
-
 def retention_fields(data: dict[str, Any]) -> tuple[int | None, int | None]:
     """``autoArchiveAfterSeconds`` and ``autoDeleteAfterSeconds`` of a create or patch."""
     return (
-        _seconds_field(data, "autoArchiveAfterSeconds"),
-        _seconds_field(data, "autoDeleteAfterSeconds"),
+        fields.seconds_field(data, "autoArchiveAfterSeconds"),
+        fields.seconds_field(data, "autoDeleteAfterSeconds"),
     )
-
-
-def _json_body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": False,
-            "content": {"application/json": {"schema": model.model_json_schema(by_alias=True)}},
-        }
-    }
 
 
 @router.post(
     "",
     response_model=SessionCreated,
     responses=_ERRORS,
-    openapi_extra=_json_body_doc(SessionCreate),
+    openapi_extra=fields.body_doc(SessionCreate),
     summary="Create session",
 )
 async def create_session(
@@ -190,11 +131,11 @@ def _create_session(
         request.state.account_id = account  # for the access-log line
         data = parse_json_object(body, settings)
         create = sessions.CreateSession(
-            title=_str_field(data, "title"),
-            organization_id=_uuid_field(data, "organizationId"),
-            artist_id=_uuid_field(data, "artistId"),
-            idle_timeout_seconds=_seconds_field(data, "idleTimeoutSeconds"),
-            max_lifetime_seconds=_seconds_field(data, "maxLifetimeSeconds"),
+            title=fields.text_field(data, "title"),
+            organization_id=fields.uuid_field(data, "organizationId"),
+            artist_id=fields.uuid_field(data, "artistId"),
+            idle_timeout_seconds=fields.seconds_field(data, "idleTimeoutSeconds"),
+            max_lifetime_seconds=fields.seconds_field(data, "maxLifetimeSeconds"),
         )
         keep = retention_fields(data)
         if create.title is not None and len(create.title.strip()) > settings.max_title_length:
@@ -256,7 +197,7 @@ def list_sessions(
         status=status_value,
         limit=size,
         cursor=cursor,
-        organization_id=_uuid_field({"organizationId": organization_id}, "organizationId"),
+        organization_id=fields.uuid_field({"organizationId": organization_id}, "organizationId"),
     )
     return JSONResponse({"sessions": [session_dict(r) for r in rows], "nextCursor": next_cursor})
 
@@ -272,17 +213,14 @@ def get_session(
 ) -> Response:
     record = sessions.get_owned(db, account, session_id)
     data = session_dict(record)
-    etag = etag_of(data)
-    if conditional.none_match(if_none_match, etag):
-        return Response(status_code=304, headers={"ETag": etag})
-    return JSONResponse({"session": data}, headers={"ETag": etag})
+    return fields.etag_response("session", data, if_none_match)
 
 
 @router.patch(
     "/{session_id}",
     response_model=SessionEnvelope,
     responses=_ERRORS,
-    openapi_extra=_json_body_doc(SessionUpdate),
+    openapi_extra=fields.body_doc(SessionUpdate),
     summary="Update session",
 )
 def patch_session(
@@ -296,7 +234,7 @@ def patch_session(
 ) -> Response:
     """Change title, status or line counts. ``If-Match`` guards against lost updates."""
     data, _ = body
-    status = _str_field(data, "status")
+    status = fields.text_field(data, "status")
     try:
         status_value = SessionStatus(status) if status is not None else None
     except ValueError:
@@ -304,12 +242,12 @@ def patch_session(
             "status must be one of running, completed, failed, archived", missing_fields=["status"]
         ) from None
     patch = sessions.SessionPatch(
-        title=_str_field(data, "title"),
+        title=fields.text_field(data, "title"),
         status=status_value,
-        lines_added=_count_field(data, "linesAdded"),
-        lines_removed=_count_field(data, "linesRemoved"),
-        idle_timeout_seconds=_seconds_field(data, "idleTimeoutSeconds"),
-        max_lifetime_seconds=_seconds_field(data, "maxLifetimeSeconds"),
+        lines_added=fields.count_field(data, "linesAdded"),
+        lines_removed=fields.count_field(data, "linesRemoved"),
+        idle_timeout_seconds=fields.seconds_field(data, "idleTimeoutSeconds"),
+        max_lifetime_seconds=fields.seconds_field(data, "maxLifetimeSeconds"),
     )
     keep = retention_fields(data)
     with transaction(db):
@@ -433,7 +371,7 @@ def activity(session_id: str, account: AccountDep, db: DbDep, settings: Settings
     "/{session_id}/extend",
     response_model=SessionExtended,
     responses=_ERRORS,
-    openapi_extra=_json_body_doc(ExtendWrite),
+    openapi_extra=fields.body_doc(ExtendWrite),
     summary="Extend the sandbox's lifetime",
 )
 def extend(
@@ -442,7 +380,7 @@ def extend(
     """Move ``sandboxExpiresAt`` out by ``seconds``, up to the operator's maximum lifetime
     from the sandbox's start (409 when not active or already there)."""
     data, _ = body
-    seconds = _seconds_field(data, "seconds")
+    seconds = fields.seconds_field(data, "seconds")
     if seconds is None:
         raise InvalidInput("seconds is required", missing_fields=["seconds"])
     with transaction(db):

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from api_stub import fields
 from api_stub.deps import AccountDep, BodyDep, DbDep, SettingsDep, transaction
 from api_stub.schemas import ErrorBody
 from worker.db.event_models import WebhookRecord
@@ -99,21 +100,12 @@ def webhook_dict(w: WebhookRecord) -> dict[str, Any]:
     }
 
 
-def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema(by_alias=True)}},
-        }
-    }
-
-
 @router.post(
     "",
     response_model=WebhookCreated,
     status_code=201,
     responses=_ERRORS,
-    openapi_extra=_body_doc(WebhookWrite),
+    openapi_extra=fields.body_doc(WebhookWrite, required=True),
     summary="Create a webhook",
 )
 def create_webhook(
