@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     sandbox_disk_check_seconds: float = Field(default=5, gt=0)
     # Commands share the host's network namespace (loopback services included!) when on.
     sandbox_network: bool = False
+    # Files over the API (GET/PUT …/files/content): the largest file read or written;
+    # how long the API waits for the sandbox's host to answer (then 504); how many
+    # entries one listing returns.
+    file_max_bytes: int = Field(default=8 << 20, gt=0)
+    file_op_timeout_seconds: float = Field(default=30, gt=0)
+    file_list_max_entries: int = Field(default=10_000, gt=0)
     # Worker as root: each sandbox runs as its own host uid from this range.
     sandbox_uid_base: int = Field(default=2_000_000, gt=0)
     sandbox_uid_count: int = Field(default=1_000_000, gt=0)

@@ -12,6 +12,8 @@ TASK_DIFF = "lifecycle.diff"
 TASK_ARCHIVE = "lifecycle.archive"
 # An agent's command in a live sandbox (routed like the runs bound to it).
 TASK_COMMAND = "sandbox.command"
+# A file operation on a live sandbox's tree (list, read, write, delete), for the API.
+TASK_FILES = "sandbox.files"
 
 SWEEP_HIBERNATE_IDLE = "sweeps.hibernate_idle"
 SWEEP_RELAY_OUTBOX = "sweeps.relay_outbox"

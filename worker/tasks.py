@@ -38,6 +38,7 @@ from worker.task_names import (
     TASK_ARCHIVE,
     TASK_COMMAND,
     TASK_DIFF,
+    TASK_FILES,
     TASK_HIBERNATE,
     TASK_PROVISION,
     TASK_SNAPSHOT,
@@ -166,6 +167,20 @@ def command(command_id: str) -> dict[str, Any]:
         status = commands.execute(
             svc.factory, svc.settings, svc.providers, uuid.UUID(command_id), this_host()
         )
+    return {"status": status}
+
+
+# At most once, like a command; a repeat would find its row already claimed.
+@app.task(name=TASK_FILES, acks_late=False)
+def file_op(op_id: str) -> dict[str, Any]:
+    """A file operation on the tree of a sandbox this host holds, for the API."""
+    import uuid
+
+    from worker.services import files
+
+    svc = service()
+    with structlog.contextvars.bound_contextvars(op_id=op_id):
+        status = files.execute(svc.factory, svc.settings, svc.providers, uuid.UUID(op_id))
     return {"status": status}
 
 
