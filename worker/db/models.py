@@ -419,3 +419,18 @@ class FileOpRecord(Base):
     finished_at: Mapped[datetime | None]
 
     __table_args__ = (Index("ix_file_ops_created_at", "created_at"),)
+
+
+class CommandOutputRecord(Base):
+    """A piece of a command's output as the worker read it: ``stream`` (stdout or
+    stderr) bytes at ``position``, the byte offset in the command's output log (both
+    streams, in the order they were recorded). At most the output limit per stream."""
+
+    __tablename__ = "command_output"
+
+    command_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("commands.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    stream: Mapped[str] = mapped_column(String(6))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
