@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     command_file_size_bytes: int = Field(default=1 << 30, gt=0)
     command_output_bytes: int = Field(default=1 << 20, gt=0)
     command_max_stdin_bytes: int = Field(default=32 * 1024, ge=0)
+    # A command still "running" this long after its wall time lost its worker: the
+    # reap_commands sweep ends it "failed" (worker/services/command_reaper.py).
+    command_reap_grace_seconds: float = Field(default=120, gt=0)
     sandbox_disk_bytes: int = Field(default=10 << 30, gt=0)
     sandbox_tmp_bytes: int = Field(default=512 << 20, gt=0)
     sandbox_disk_check_seconds: float = Field(default=5, gt=0)

@@ -21,6 +21,7 @@ SWEEP_REAP_RUNS = "sweeps.reap_runs"
 SWEEP_EXPIRE_SNAPSHOTS = "sweeps.expire_snapshots"
 SWEEP_LOST_HOSTS = "sweeps.lost_hosts"
 SWEEP_CHECKPOINTS = "sweeps.checkpoints"
+SWEEP_REAP_COMMANDS = "sweeps.reap_commands"
 SWEEP_WEBHOOK_RETRIES = "sweeps.webhook_retries"
 SWEEP_RETENTION = "sweeps.retention"
 

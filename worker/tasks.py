@@ -31,6 +31,7 @@ from worker.task_names import (
     SWEEP_EXPIRE_SNAPSHOTS,
     SWEEP_HIBERNATE_IDLE,
     SWEEP_LOST_HOSTS,
+    SWEEP_REAP_COMMANDS,
     SWEEP_REAP_RUNS,
     SWEEP_RELAY_OUTBOX,
     SWEEP_RETENTION,
@@ -238,6 +239,14 @@ def relay_outbox() -> dict[str, Any]:
 def reap_runs() -> dict[str, Any]:
     """Release expired leases and re-drive their sessions."""
     return _sweep(SWEEP_REAP_RUNS, sweeps.reap_runs)
+
+
+@app.task(name=SWEEP_REAP_COMMANDS)
+def reap_commands() -> dict[str, Any]:
+    """End commands whose worker was lost; purge abandoned file operations."""
+    from worker.services.command_reaper import reap_commands
+
+    return _sweep(SWEEP_REAP_COMMANDS, reap_commands)
 
 
 @app.task(name=SWEEP_EXPIRE_SNAPSHOTS)
