@@ -268,3 +268,14 @@ def kill_command(session_id: str, command_id: str, account: AccountDep, db: DbDe
         commands.request_kill(db, command)
         payload = {"command": command_dict(command)}
     return JSONResponse(payload, status_code=202)
+
+
+@router.get("/{session_id}/processes", responses=_ERRORS, summary="List live processes")
+def list_processes(session_id: str, account: AccountDep, db: DbDep) -> Response:
+    """The sandbox's commands still running or queued (detached servers included),
+    oldest first, without output: each ends when it exits, is killed, or the sandbox
+    hibernates."""
+    record = sessions.get_owned(db, account, session_id)
+    return JSONResponse(
+        {"processes": [command_dict(c, output=False) for c in commands.live(db, record.id)]}
+    )

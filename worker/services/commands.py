@@ -144,6 +144,22 @@ def list_page(
     return rows, next_cursor
 
 
+def live(db: Session, session_id: uuid.UUID, limit: int = 200) -> list[CommandRecord]:
+    """The session's commands still queued or running (detached ones included), oldest
+    first: what runs in its sandbox now, or is about to."""
+    return list(
+        db.scalars(
+            select(CommandRecord)
+            .where(
+                CommandRecord.session_id == session_id,
+                CommandRecord.status.in_((QUEUED, RUNNING)),
+            )
+            .order_by(CommandRecord.created_at, CommandRecord.id)
+            .limit(limit)
+        )
+    )
+
+
 def request_kill(db: Session, command: CommandRecord) -> None:
     """A queued command ends at once; a running one when its worker next looks."""
     now = datetime.now(UTC)
