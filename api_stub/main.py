@@ -10,7 +10,16 @@ from fastapi import FastAPI
 
 from api_stub import docs, errors
 from api_stub.access_log import AccessLog
-from api_stub.routes import chats, commands, events, health, metrics, sessions, webhooks
+from api_stub.routes import (
+    chats,
+    commands,
+    events,
+    files,
+    health,
+    metrics,
+    sessions,
+    webhooks,
+)
 from worker.celery_app import create_celery
 from worker.config import Settings, get_settings
 from worker.db.engine import get_sessionmaker
@@ -61,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(chats.router)
     app.include_router(commands.router)
+    app.include_router(files.router)
     app.include_router(events.router)
     app.include_router(webhooks.router)
     app.include_router(metrics.router)

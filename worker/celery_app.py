@@ -18,6 +18,7 @@ from worker.task_names import (  # noqa: F401 -- re-exported: the names Celery u
     SWEEP_EXPIRE_SNAPSHOTS,
     SWEEP_HIBERNATE_IDLE,
     SWEEP_LOST_HOSTS,
+    SWEEP_REAP_COMMANDS,
     SWEEP_REAP_RUNS,
     SWEEP_RELAY_OUTBOX,
     SWEEP_RETENTION,
@@ -83,6 +84,11 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "schedule": settings.webhook_sweep_interval_seconds,
         },
         SWEEP_RETENTION: {"task": SWEEP_RETENTION, "schedule": settings.retention_interval_seconds},
+        # As often as hosts are checked: a lost host's commands end soon after it is.
+        SWEEP_REAP_COMMANDS: {
+            "task": SWEEP_REAP_COMMANDS,
+            "schedule": max(1.0, settings.host_lost_after_seconds / 4),
+        },
         SWEEP_EXPIRE_SNAPSHOTS: {"task": SWEEP_EXPIRE_SNAPSHOTS, "schedule": 24 * 3600.0},
         # A quarter of the silence that declares a host lost: detected within 1.25x.
         SWEEP_LOST_HOSTS: {

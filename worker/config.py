@@ -106,11 +106,20 @@ class Settings(BaseSettings):
     command_file_size_bytes: int = Field(default=1 << 30, gt=0)
     command_output_bytes: int = Field(default=1 << 20, gt=0)
     command_max_stdin_bytes: int = Field(default=32 * 1024, ge=0)
+    # A command still "running" this long after its wall time lost its worker: the
+    # reap_commands sweep ends it "failed" (worker/services/command_reaper.py).
+    command_reap_grace_seconds: float = Field(default=120, gt=0)
     sandbox_disk_bytes: int = Field(default=10 << 30, gt=0)
     sandbox_tmp_bytes: int = Field(default=512 << 20, gt=0)
     sandbox_disk_check_seconds: float = Field(default=5, gt=0)
     # Commands share the host's network namespace (loopback services included!) when on.
     sandbox_network: bool = False
+    # Files over the API (GET/PUT …/files/content): the largest file read or written;
+    # how long the API waits for the sandbox's host to answer (then 504); how many
+    # entries one listing returns.
+    file_max_bytes: int = Field(default=8 << 20, gt=0)
+    file_op_timeout_seconds: float = Field(default=30, gt=0)
+    file_list_max_entries: int = Field(default=10_000, gt=0)
     # Worker as root: each sandbox runs as its own host uid from this range.
     sandbox_uid_base: int = Field(default=2_000_000, gt=0)
     sandbox_uid_count: int = Field(default=1_000_000, gt=0)

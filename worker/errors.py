@@ -40,3 +40,9 @@ class PreconditionFailed(DomainError):
 
 class PayloadTooLarge(DomainError):
     status_code = 413
+
+
+class GatewayTimeout(DomainError):
+    """Another process (the sandbox's host) did not answer in time."""
+
+    status_code = 504

@@ -14,8 +14,9 @@ from typing import Any
 
 from worker.task_names import DEFAULT_QUEUE
 
-# Kinds that need the live sandbox when one exists ("command": an agent's command).
-_SANDBOX_BOUND = frozenset({"hibernate", "snapshot", "diff", "archive", "command"})
+# Kinds that need the live sandbox when one exists ("command": an agent's command;
+# "files": a file operation on its tree).
+_SANDBOX_BOUND = frozenset({"hibernate", "snapshot", "diff", "archive", "command", "files"})
 
 
 def this_host() -> str:

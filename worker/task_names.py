@@ -12,6 +12,8 @@ TASK_DIFF = "lifecycle.diff"
 TASK_ARCHIVE = "lifecycle.archive"
 # An agent's command in a live sandbox (routed like the runs bound to it).
 TASK_COMMAND = "sandbox.command"
+# A file operation on a live sandbox's tree (list, read, write, delete), for the API.
+TASK_FILES = "sandbox.files"
 
 SWEEP_HIBERNATE_IDLE = "sweeps.hibernate_idle"
 SWEEP_RELAY_OUTBOX = "sweeps.relay_outbox"
@@ -19,6 +21,7 @@ SWEEP_REAP_RUNS = "sweeps.reap_runs"
 SWEEP_EXPIRE_SNAPSHOTS = "sweeps.expire_snapshots"
 SWEEP_LOST_HOSTS = "sweeps.lost_hosts"
 SWEEP_CHECKPOINTS = "sweeps.checkpoints"
+SWEEP_REAP_COMMANDS = "sweeps.reap_commands"
 SWEEP_WEBHOOK_RETRIES = "sweeps.webhook_retries"
 SWEEP_RETENTION = "sweeps.retention"
 

@@ -31,6 +31,7 @@ from worker.task_names import (
     SWEEP_EXPIRE_SNAPSHOTS,
     SWEEP_HIBERNATE_IDLE,
     SWEEP_LOST_HOSTS,
+    SWEEP_REAP_COMMANDS,
     SWEEP_REAP_RUNS,
     SWEEP_RELAY_OUTBOX,
     SWEEP_RETENTION,
@@ -38,6 +39,7 @@ from worker.task_names import (
     TASK_ARCHIVE,
     TASK_COMMAND,
     TASK_DIFF,
+    TASK_FILES,
     TASK_HIBERNATE,
     TASK_PROVISION,
     TASK_SNAPSHOT,
@@ -169,6 +171,20 @@ def command(command_id: str) -> dict[str, Any]:
     return {"status": status}
 
 
+# At most once, like a command; a repeat would find its row already claimed.
+@app.task(name=TASK_FILES, acks_late=False)
+def file_op(op_id: str) -> dict[str, Any]:
+    """A file operation on the tree of a sandbox this host holds, for the API."""
+    import uuid
+
+    from worker.services import files
+
+    svc = service()
+    with structlog.contextvars.bound_contextvars(op_id=op_id):
+        status = files.execute(svc.factory, svc.settings, svc.providers, uuid.UUID(op_id))
+    return {"status": status}
+
+
 def _sweep(name: str, fn: Any) -> dict[str, Any]:
     from datetime import UTC, datetime
 
@@ -223,6 +239,14 @@ def relay_outbox() -> dict[str, Any]:
 def reap_runs() -> dict[str, Any]:
     """Release expired leases and re-drive their sessions."""
     return _sweep(SWEEP_REAP_RUNS, sweeps.reap_runs)
+
+
+@app.task(name=SWEEP_REAP_COMMANDS)
+def reap_commands() -> dict[str, Any]:
+    """End commands whose worker was lost; purge abandoned file operations."""
+    from worker.services.command_reaper import reap_commands
+
+    return _sweep(SWEEP_REAP_COMMANDS, reap_commands)
 
 
 @app.task(name=SWEEP_EXPIRE_SNAPSHOTS)

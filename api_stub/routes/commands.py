@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api_stub import fields
 from api_stub.deps import AccountDep, BodyDep, DbDep, SettingsDep, transaction
@@ -16,7 +16,7 @@ from worker.db.models import CommandRecord
 from worker.errors import InvalidInput, NotFound
 from worker.providers.base import PermanentProviderError
 from worker.providers.bwrap import inside_cwd, validate_env
-from worker.services import commands, sessions
+from worker.services import command_output, commands, sessions
 
 router = APIRouter(prefix="/api/sessions", tags=["commands"])
 
@@ -164,10 +164,64 @@ def _owned_command(db: Any, account: Any, session_id: str, command_id: str) -> C
 
 @router.get("/{session_id}/commands/{command_id}", responses=_ERRORS, summary="Get a command")
 def get_command(session_id: str, command_id: str, account: AccountDep, db: DbDep) -> Response:
-    """State and output (what was kept, up to the output limit) of one command."""
-    return JSONResponse(
-        {"command": command_dict(_owned_command(db, account, session_id, command_id))}
+    """State and output (what was kept, up to the output limit) of one command; while
+    it runs, the output so far."""
+    command = _owned_command(db, account, session_id, command_id)
+    data = command_dict(command)
+    if command.status == commands.RUNNING:
+        data.update(command_output.so_far(db, command.id))
+    return JSONResponse({"command": data})
+
+
+_SSE_DOC: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    200: {
+        "content": {"text/event-stream": {}},
+        "description": "events `stdout` and `stderr` (`id`: the byte offset after the "
+        'piece, `data`: `{"text": ...}`), then one `exit` (`data`: the command)',
+    },
+}
+
+
+@router.get(
+    "/{session_id}/commands/{command_id}/output",
+    responses=_SSE_DOC,
+    summary="Stream a command's output",
+)
+def stream_output(
+    session_id: str,
+    command_id: str,
+    account: AccountDep,
+    db: DbDep,
+    last_event_id: Annotated[
+        str | None,
+        Header(alias="Last-Event-ID", description="resume after this byte offset (an event id)"),
+    ] = None,
+) -> Response:
+    """The command's output as Server-Sent Events, live while it runs: ``stdout`` and
+    ``stderr`` events in the order the worker read them, each with the byte offset
+    after it as its ``id``, then one ``exit`` event with the command's final state.
+    Reconnecting with ``Last-Event-ID`` resumes right after that offset: nothing lost,
+    nothing repeated. Output past the output limit is not streamed (the exit event says
+    it was truncated)."""
+    command = _owned_command(db, account, session_id, command_id)
+    after = _offset(last_event_id)
+    db.close()  # nothing is held while the stream lasts
+    return StreamingResponse(
+        command_output.events(command.id, after, lambda c: command_dict(c, output=False)),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def _offset(value: str | None) -> int:
+    if value is None or value == "":
+        return 0
+    if not value.isdigit() or len(value) > 18:
+        raise InvalidInput(
+            "Last-Event-ID must be an event id (a byte offset)", missing_fields=["Last-Event-ID"]
+        )
+    return int(value)
 
 
 @router.get("/{session_id}/commands", responses=_ERRORS, summary="List commands")
@@ -205,3 +259,14 @@ def kill_command(session_id: str, command_id: str, account: AccountDep, db: DbDe
         commands.request_kill(db, command)
         payload = {"command": command_dict(command)}
     return JSONResponse(payload, status_code=202)
+
+
+@router.get("/{session_id}/processes", responses=_ERRORS, summary="List live processes")
+def list_processes(session_id: str, account: AccountDep, db: DbDep) -> Response:
+    """The sandbox's commands still running or queued (detached servers included),
+    oldest first, without output: each ends when it exits, is killed, or the sandbox
+    hibernates."""
+    record = sessions.get_owned(db, account, session_id)
+    return JSONResponse(
+        {"processes": [command_dict(c, output=False) for c in commands.live(db, record.id)]}
+    )

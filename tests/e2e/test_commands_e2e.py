@@ -131,11 +131,19 @@ def _commands_round(stack: Stack, caller: Caller) -> None:
 
         # A detached process is running when the session hibernates: it ends with it.
         server = run(client, sid, cmd="echo kept > kept.txt; exec sleep 100000", detached=True)
+        # "running" is recorded when the worker claims the command, before its process
+        # starts: wait for what it writes (through the files API), then hibernate.
         wait_until(
-            lambda: get_command(client, sid, server["id"])["status"] == "running",
+            lambda: (
+                client.get(
+                    f"/api/sessions/{sid}/files/content", params={"path": "kept.txt"}
+                ).status_code
+                == 200
+            ),
             timeout=60,
-            what="the detached command to start",
+            what="the detached command to write kept.txt",
         )
+        assert get_command(client, sid, server["id"])["status"] == "running"
         kick(client, sid, "hibernate")
         wait_state(client, sid, "hibernated")
         gone = finished(client, sid, server["id"])

@@ -195,3 +195,27 @@ def test_killing_a_queued_command_ends_it_and_a_worker_then_skips_it(
     assert cmd["status"] == "killed" and cmd["killedBy"] == "request" and cmd["finishedAt"]
     skipped = commands.execute(svc.factory, svc.settings, svc.providers, uuid.UUID(cid), "h")
     assert skipped == "skipped"
+
+
+def test_processes_lists_what_still_runs_or_waits(
+    client: TestClient, caller: Caller, active: str
+) -> None:
+    ids = [
+        _post(client, caller, active, body).json()["command"]["id"]
+        for body in (
+            {"cmd": "exec python3 -m http.server", "detached": True},
+            {"argv": ["sleep", "5"]},
+            {"argv": ["true"]},
+        )
+    ]
+    sql_exec("UPDATE commands SET status = 'running' WHERE id = :id", id=ids[0])
+    sql_exec("UPDATE commands SET status = 'exited', exit_code = 0 WHERE id = :id", id=ids[2])
+    r = client.get(f"/api/sessions/{active}/processes", headers=caller.headers)
+    assert r.status_code == 200, r.text
+    procs = r.json()["processes"]
+    assert [p["id"] for p in procs] == ids[:2]
+    assert procs[0]["detached"] is True and procs[0]["status"] == "running"
+    assert all("stdout" not in p for p in procs)
+    assert_error(client.get(f"/api/sessions/{active}/processes"), 401)
+    eve = make_caller("Eve")
+    assert_error(client.get(f"/api/sessions/{active}/processes", headers=eve.headers), 403)

@@ -36,6 +36,8 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/api/sessions/{session_id}/chats/{chat_id}/stream"): {"streamId": "turn-1"},
     ("DELETE", "/api/sessions/{session_id}/chats/{chat_id}/stream"): {"streamId": "turn-1"},
     ("POST", "/api/sessions/{session_id}/commands"): {"argv": ["true"]},
+    # Raw bytes (the file), sent here as a JSON string.
+    ("PUT", "/api/sessions/{session_id}/files/content"): "a file's content",
 }
 NO_BODY = {"GET", "DELETE"}
 

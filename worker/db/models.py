@@ -395,3 +395,42 @@ class CommandRecord(Base):
     finished_at: Mapped[datetime | None]
 
     __table_args__ = (Index("ix_commands_session_created", "session_id", "created_at", "id"),)
+
+
+class FileOpRecord(Base):
+    """A file operation on a sandbox's tree, asked by the API and done by the worker on
+    the sandbox's host: the request (``op``, ``path``, ``content`` to write) and, once
+    ``done``, its answer (``result``, ``content`` read, or ``error``). The API deletes
+    the row once it has the answer (or gives up waiting)."""
+
+    __tablename__ = "file_ops"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    session_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    op: Mapped[str] = mapped_column(String(10))  # list | read | write | delete
+    path: Mapped[str] = mapped_column(Text)
+    recursive: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    content: Mapped[bytes | None] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(10), server_default="queued")  # running, done
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    error_kind: Mapped[str | None] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    finished_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_file_ops_created_at", "created_at"),)
+
+
+class CommandOutputRecord(Base):
+    """A piece of a command's output as the worker read it: ``stream`` (stdout or
+    stderr) bytes at ``position``, the byte offset in the command's output log (both
+    streams, in the order they were recorded). At most the output limit per stream."""
+
+    __tablename__ = "command_output"
+
+    command_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("commands.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    stream: Mapped[str] = mapped_column(String(6))
+    data: Mapped[bytes] = mapped_column(LargeBinary)

@@ -32,6 +32,7 @@ from worker.providers.bwrap import CommandResult, CommandSpec
 from worker.providers.registry import Providers
 from worker.routing import queue_for
 from worker.services import outbox, sessions
+from worker.services.command_output import OutputLog
 from worker.task_names import TASK_COMMAND
 
 log = get_logger(__name__)
@@ -143,6 +144,22 @@ def list_page(
     return rows, next_cursor
 
 
+def live(db: Session, session_id: uuid.UUID, limit: int = 200) -> list[CommandRecord]:
+    """The session's commands still queued or running (detached ones included), oldest
+    first: what runs in its sandbox now, or is about to."""
+    return list(
+        db.scalars(
+            select(CommandRecord)
+            .where(
+                CommandRecord.session_id == session_id,
+                CommandRecord.status.in_((QUEUED, RUNNING)),
+            )
+            .order_by(CommandRecord.created_at, CommandRecord.id)
+            .limit(limit)
+        )
+    )
+
+
 def request_kill(db: Session, command: CommandRecord) -> None:
     """A queued command ends at once; a running one when its worker next looks."""
     now = datetime.now(UTC)
@@ -191,22 +208,33 @@ def execute(
     session_id, argv, cwd, env, timeout, stdin = row
     spec = CommandSpec(argv=list(argv), cwd=cwd, env=dict(env), stdin=stdin)
     watch = _Watch(factory, settings, command_id, session_id)
+    # The output as it arrives, for GET …/output (all of it written before the end is).
+    output = OutputLog(factory, command_id, settings.command_output_bytes)
+
+    def should_stop() -> str | None:
+        output.tick()
+        return watch.should_stop()
+
     try:
         result = providers.sandbox.run_command(
             sandbox_name(session_id),
             spec,
             settings.command_limits(timeout),
-            should_stop=watch.should_stop,
+            on_output=output.feed,
+            should_stop=should_stop,
         )
     except ProviderError as exc:
+        output.close()
         return _finish(factory, command_id, {"status": FAILED, "error": str(exc)})
     except Exception as exc:  # recorded, never left "running"; the task logs it
+        output.close()
         _finish(
             factory,
             command_id,
             {"status": FAILED, "error": f"internal error: {type(exc).__name__}"},
         )
         raise
+    output.close()
     watch.touch_session()
     return _finish(factory, command_id, _outcome(result))
 
