@@ -5,39 +5,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
-from tests.support.bwrap import searchable
+from tests.support.commands import bwrap_stack_on, finished, get_command, run
 from tests.support.factories import Caller
 from tests.support.processes import wait_until
-from tests.support.stack import Stack, amqp_up, create, kick, make_stack, running, wait_state
+from tests.support.stack import Stack, amqp_up, create, kick, running, wait_state
 
 pytestmark = pytest.mark.e2e
-
-
-def _bwrap_stack(server_urls: dict[str, str], tmp: Path, broker_url: str) -> Stack:
-    searchable(tmp)
-    return make_stack(
-        server_urls,
-        tmp,
-        broker_url,
-        {
-            "LIFECYCLE_SANDBOX_PROVIDER": "bwrap",
-            # A fake secret in the worker's own environment; no command may see it.
-            "GITHUB_TOKEN": "ghp_FAKEe2eSECRET0123456789",
-        },
-    )
 
 
 @pytest.fixture(scope="module")
 def bwrap_stack(
     bwrap: str, server_urls: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    s = _bwrap_stack(server_urls, tmp_path_factory.mktemp("e2e-bwrap"), server_urls["broker_url"])
+    s = bwrap_stack_on(server_urls, tmp_path_factory.mktemp("e2e-bwrap"), server_urls["broker_url"])
     with running(s, concurrency=3):
         yield s
 
@@ -49,29 +32,9 @@ def bwrap_rabbit_stack(
     url = os.environ.get("LIFECYCLE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
     if not amqp_up():
         pytest.skip("no RabbitMQ answers on 127.0.0.1:5672 (set LIFECYCLE_TEST_AMQP_URL)")
-    s = _bwrap_stack(server_urls, tmp_path_factory.mktemp("e2e-bwrap-amqp"), url)
+    s = bwrap_stack_on(server_urls, tmp_path_factory.mktemp("e2e-bwrap-amqp"), url)
     with running(s, concurrency=3, flush=False):
         yield s
-
-
-def run(client: httpx.Client, sid: str, **body: Any) -> dict[str, Any]:
-    r = client.post(f"/api/sessions/{sid}/commands", json=body)
-    assert r.status_code == 202, r.text
-    return r.json()["command"]  # type: ignore[no-any-return]
-
-
-def get_command(client: httpx.Client, sid: str, cid: str) -> dict[str, Any]:
-    r = client.get(f"/api/sessions/{sid}/commands/{cid}")
-    assert r.status_code == 200, r.text
-    return r.json()["command"]  # type: ignore[no-any-return]
-
-
-def finished(client: httpx.Client, sid: str, cid: str, timeout: float = 120) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        c = get_command(client, sid, cid)
-        return c if c["status"] in ("exited", "killed", "failed") else None
-
-    return wait_until(done, timeout=timeout, what=f"command {cid} to finish")  # type: ignore[no-any-return]
 
 
 def _commands_round(stack: Stack, caller: Caller) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.test_commands_e2e import _bwrap_stack, finished, run
+from tests.support.commands import bwrap_stack_on, finished, run
 from tests.support.factories import Caller
 from tests.support.stack import Stack, create, wait_state
 
@@ -24,7 +24,7 @@ def io_stack(
     import redis
 
     redis.Redis.from_url(server_urls["broker_url"]).flushdb()
-    s = _bwrap_stack(server_urls, tmp_path_factory.mktemp("e2e-io"), server_urls["broker_url"])
+    s = bwrap_stack_on(server_urls, tmp_path_factory.mktemp("e2e-io"), server_urls["broker_url"])
     s.start_api()
     s.start_worker(concurrency=3)
     try:

@@ -6,7 +6,6 @@ answers 202; the worker side is covered end to end in tests/e2e/test_commands_e2
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -14,27 +13,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.support.api import assert_error, create, new_uuid
+from tests.support.commands import HOST_QUEUE, activate
 from tests.support.factories import Caller, make_caller
 from tests.support.rows import sql, sql_exec
-
-HOST_QUEUE = "lifecycle.host.box-host-1"
-
-
-def _activate(sid: str, sandbox_type: str = "bwrap") -> None:
-    state = {"type": sandbox_type, "sandboxName": f"session-{sid}", "queue": HOST_QUEUE}
-    sql_exec(
-        "UPDATE sessions SET lifecycle_state = 'active', sandbox_state = CAST(:s AS jsonb),"
-        " sandbox_expires_at = now() + interval '1 hour',"
-        " hibernate_after = now() + interval '1 minute' WHERE id = :id",
-        s=json.dumps(state),
-        id=sid,
-    )
 
 
 @pytest.fixture
 def active(client: TestClient, caller: Caller) -> str:
     sid: str = create(client, caller)["session"]["id"]
-    _activate(sid)
+    activate(sid)
     return sid
 
 
@@ -126,7 +113,7 @@ def test_a_session_that_is_not_active_is_409_with_how_to_resume(
     err = assert_error(_post(client, caller, sid, {"argv": ["true"]}), 409)
     assert err["lifecycleState"] == "provisioning"
     assert err["resume"] == f"/api/sessions/{sid}/sandbox"
-    _activate(sid)
+    activate(sid)
     sql_exec("UPDATE sessions SET lifecycle_state = 'hibernated' WHERE id = :id", id=sid)
     err = assert_error(_post(client, caller, sid, {"argv": ["true"]}), 409)
     assert err["lifecycleState"] == "hibernated" and "resume" in err["error"]
@@ -135,7 +122,7 @@ def test_a_session_that_is_not_active_is_409_with_how_to_resume(
 
 def test_a_plain_directory_sandbox_says_what_to_install(client: TestClient, caller: Caller) -> None:
     sid = create(client, caller)["session"]["id"]
-    _activate(sid, sandbox_type="local")
+    activate(sid, sandbox_type="local")
     err = assert_error(_post(client, caller, sid, {"argv": ["true"]}), 409)
     assert "apt-get install -y bubblewrap" in err["error"]
 
@@ -154,7 +141,7 @@ def test_auth_and_access(client: TestClient, caller: Caller, active: str) -> Non
     assert_error(client.post(f"{url}/{new_uuid()}/kill", headers=caller.headers), 404)
     # A command of another session is not found through this one.
     other = create(client, caller)["session"]["id"]
-    _activate(other)
+    activate(other)
     cid = _post(client, caller, other, {"argv": ["true"]}).json()["command"]["id"]
     assert_error(client.get(f"{url}/{cid}", headers=caller.headers), 404)
 

@@ -11,8 +11,8 @@ import uuid
 
 from fastapi.testclient import TestClient
 
-from tests.integration.test_api_commands import _activate
 from tests.support.api import assert_error, create
+from tests.support.commands import activate
 from tests.support.factories import Caller, make_caller
 from tests.support.rows import sql, sql_exec
 from tests.support.sse import parse_sse
@@ -22,7 +22,7 @@ from worker.services.command_output import OutputLog, _complete_utf8
 
 def _command(client: TestClient, caller: Caller) -> tuple[str, str]:
     sid = create(client, caller)["session"]["id"]
-    _activate(sid)
+    activate(sid)
     r = client.post(f"/api/sessions/{sid}/commands", headers=caller.headers, json={"cmd": "x"})
     cid = r.json()["command"]["id"]
     sql_exec("UPDATE commands SET status = 'running', started_at = now() WHERE id = :id", id=cid)

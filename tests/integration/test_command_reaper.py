@@ -11,8 +11,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from tests.integration.test_api_commands import _activate
 from tests.support.api import create
+from tests.support.commands import activate
 from tests.support.factories import Caller
 from tests.support.rows import sql, sql_exec
 from tests.support.sse import parse_sse
@@ -52,7 +52,7 @@ def test_commands_of_a_lost_host_end_failed_and_their_stream_ends(
     client: TestClient, caller: Caller, svc: Any
 ) -> None:
     sid = create(client, caller)["session"]["id"]
-    _activate(sid)
+    activate(sid)
     on_ghost = _command(client, caller, sid, timeoutSeconds=600)
     on_alive = _command(client, caller, sid, timeoutSeconds=600)
     _running(on_ghost, "ghost-host")
@@ -86,7 +86,7 @@ def test_running_past_wall_time_and_grace_is_ended(
     client: TestClient, caller: Caller, svc: Any
 ) -> None:
     sid = create(client, caller)["session"]["id"]
-    _activate(sid)
+    activate(sid)
     grace = svc.settings.command_reap_grace_seconds
     overdue = _command(client, caller, sid, timeoutSeconds=5)
     in_grace = _command(client, caller, sid, timeoutSeconds=5)
@@ -104,8 +104,8 @@ def test_queued_commands_of_a_stopped_sandbox_are_ended(
 ) -> None:
     stopped = create(client, caller)["session"]["id"]
     live = create(client, caller)["session"]["id"]
-    _activate(stopped)
-    _activate(live)
+    activate(stopped)
+    activate(live)
     old_stopped = _command(client, caller, stopped)
     new_stopped = _command(client, caller, stopped)
     old_live = _command(client, caller, live)
