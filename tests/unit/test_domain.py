@@ -9,6 +9,7 @@ from typing import Any, cast
 import pytest
 
 from worker.config import Settings
+from worker.domain.cursors import decode_cursor, encode_cursor
 from worker.domain.lifecycle import (
     LifecycleState,
     RunKind,
@@ -19,7 +20,7 @@ from worker.domain.lifecycle import (
 from worker.errors import InvalidInput
 from worker.routing import DEFAULT_QUEUE, host_queue, queue_for
 from worker.services.lifecycle import LifecycleService
-from worker.services.sessions import decode_cursor, encode_cursor, generate_title
+from worker.services.sessions import generate_title
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 GUARD = timedelta(seconds=60)

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 
 from worker.config import Settings
 from worker.db.models import ChatMessageRecord, ChatReadRecord, ChatRecord, SessionRecord
+from worker.domain.cursors import decode_cursor, encode_cursor
 from worker.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
-from worker.services.sessions import decode_cursor, encode_cursor
 
 MESSAGE_ROLES = ("user", "assistant", "system", "tool")
 MAX_STREAM_ID_LENGTH = 200

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.config import Settings
 from worker.db.models import CommandRecord, OutboxRecord, SessionRecord
+from worker.domain.cursors import decode_cursor, encode_cursor
 from worker.domain.lifecycle import LifecycleState, sandbox_name
 from worker.errors import Conflict
 from worker.logging import get_logger
@@ -125,7 +126,7 @@ def list_page(
     """The session's commands, newest first, keyset-paginated on (createdAt, id)."""
     stmt = select(CommandRecord).where(CommandRecord.session_id == session_id)
     if cursor:
-        created, cid = sessions.decode_cursor(cursor)
+        created, cid = decode_cursor(cursor)
         stmt = stmt.where(
             or_(
                 CommandRecord.created_at < created,
@@ -140,7 +141,7 @@ def list_page(
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
-        next_cursor = sessions.encode_cursor(rows[-1].created_at, rows[-1].id)
+        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
     return rows, next_cursor
 
 

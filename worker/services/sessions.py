@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 import uuid
@@ -16,6 +15,7 @@ from sqlalchemy.orm import Session
 from worker.config import Settings
 from worker.db import statements
 from worker.db.models import ChatRecord, LifecycleRunRecord, OutboxRecord, SessionRecord
+from worker.domain.cursors import decode_cursor, encode_cursor
 from worker.domain.lifecycle import (
     LifecycleState,
     RunKind,
@@ -414,23 +414,6 @@ def _withdraw_archive(db: Session, record: SessionRecord) -> list[OutboxRecord]:
     if head_withdrawn and record.lifecycle_run_id is None:
         return runs.dispatch_next(db, record)
     return []
-
-
-def encode_cursor(created_at: datetime, session_id: uuid.UUID) -> str:
-    raw = f"{created_at.isoformat()}|{session_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        stamp, sid = raw.split("|", 1)
-        created = datetime.fromisoformat(stamp)
-        if created.tzinfo is None:
-            raise ValueError
-        return created, uuid.UUID(sid)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInput("cursor is not valid", missing_fields=["cursor"]) from None
 
 
 def list_sessions(
