@@ -173,6 +173,24 @@ class ExtendWrite(CamelModel):
     seconds: int = Field(ge=1)
 
 
+class CommandWrite(CamelModel):
+    """The body of ``POST /api/sessions/{id}/commands``: exactly one of ``argv`` and
+    ``cmd``."""
+
+    argv: list[str] | None = Field(None, description="the program and its arguments")
+    cmd: str | None = Field(None, description="a shell command line (run by /bin/sh -c)")
+    cwd: str | None = Field(None, description="working directory under /workspace")
+    env: dict[str, str] | None = Field(None, description="extra environment variables")
+    timeout_seconds: float | None = Field(None, description="wall time limit")
+    stdin: str | None = Field(None, description="text written to the command's input")
+    detached: bool = Field(False, description="runs until the sandbox ends (a server)")
+    auto_resume: bool = Field(
+        False,
+        description="on a session that is not active: start (resume) its sandbox and run "
+        "the command once it is active (status `waiting` until then) instead of 409",
+    )
+
+
 class SessionExtended(BaseModel):
     session: SessionRead
     extended_by: int = Field(serialization_alias="extendedBy")

@@ -23,7 +23,16 @@ from typing import Any
 
 from bench.common import ROOT, SIZES, Context, Mode, Result
 
-NAMES = ("create", "orchestrate", "sweep", "diff", "snapshot", "snapshot_s3", "memory")
+NAMES = (
+    "create",
+    "orchestrate",
+    "sweep",
+    "diff",
+    "snapshot",
+    "snapshot_s3",
+    "memory",
+    "commands",
+)
 DEFAULT_OUTPUT = ROOT / "bench" / "results.json"
 
 

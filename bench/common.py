@@ -48,6 +48,7 @@ class Sizes:
     snapshot_rounds: int
     memory_sessions: int
     memory_wave: int
+    commands_per_round: int = 100
 
 
 SIZES: dict[Mode, Sizes] = {
@@ -84,6 +85,7 @@ SIZES: dict[Mode, Sizes] = {
         snapshot_rounds=3,
         memory_sessions=40,
         memory_wave=20,
+        commands_per_round=30,
     ),
     "tiny": Sizes(
         rounds=2,
@@ -101,6 +103,7 @@ SIZES: dict[Mode, Sizes] = {
         snapshot_rounds=2,
         memory_sessions=20,
         memory_wave=10,
+        commands_per_round=10,
     ),
 }
 

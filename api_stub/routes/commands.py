@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from api_stub import fields
 from api_stub.deps import AccountDep, BodyDep, DbDep, SettingsDep, transaction
 from api_stub.routes.sessions import _ERRORS, _publish
+from api_stub.schemas import CommandWrite, ErrorBody
 from worker.config import Settings
 from worker.db.models import CommandRecord
 from worker.errors import InvalidInput, NotFound
@@ -133,7 +134,41 @@ def parse_request(data: dict[str, Any], settings: Settings) -> commands.CommandR
     )
 
 
-@router.post("/{session_id}/commands", status_code=202, responses=_ERRORS, summary="Run a command")
+_RUN_DOC: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    202: {
+        "description": "`{command}`: `queued` for the worker holding the sandbox, or, with "
+        "`autoResume` on a session that is not active, `waiting` until the start it "
+        "asked for has made the sandbox active (a failed start fails it, with its error)"
+    },
+    409: {
+        "model": ErrorBody,
+        "description": "The session is not active and `autoResume` was not asked for "
+        "(`lifecycleState`, and `resume`: the start endpoint), the session is archived, "
+        "or its sandbox cannot run commands (what to install)",
+    },
+    429: {
+        "model": ErrorBody,
+        "description": "`autoResume` needs a sandbox and the account's active sandbox "
+        "limit is reached",
+    },
+}
+
+
+def _auto_resume(data: dict[str, Any]) -> bool:
+    value = data.get("autoResume", False)
+    if not isinstance(value, bool):
+        raise InvalidInput("autoResume must be true or false", missing_fields=["autoResume"])
+    return value
+
+
+@router.post(
+    "/{session_id}/commands",
+    status_code=202,
+    responses=_RUN_DOC,
+    summary="Run a command",
+    openapi_extra=fields.body_doc(CommandWrite, required=True),
+)
 def run_command(
     request: Request,
     session_id: str,
@@ -142,15 +177,18 @@ def run_command(
     db: DbDep,
     settings: SettingsDep,
 ) -> Response:
-    """Record the command and send it to the worker holding the sandbox (202); 409 when
-    the session's sandbox is not active."""
+    """Record the command and send it to the worker holding the sandbox (202, status
+    ``queued``). On a session that is not active: 409 with the state and how to resume
+    — unless the body says ``"autoResume": true``: then the sandbox is started (one
+    start kick, under the account's sandbox quota) and the command, ``waiting`` until
+    then, is sent to its host as soon as the start has made it active."""
     data, _ = body
     with transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
         req = parse_request(data, settings)
-        command, job = commands.create(db, settings, record, req)
+        command, jobs = commands.create(db, settings, record, req, auto_resume=_auto_resume(data))
         payload = {"command": command_dict(command)}
-    _publish(request, [job])
+    _publish(request, jobs)
     return JSONResponse(payload, status_code=202)
 
 
@@ -253,7 +291,8 @@ def list_commands(
     summary="Kill a command",
 )
 def kill_command(session_id: str, command_id: str, account: AccountDep, db: DbDep) -> Response:
-    """A queued command ends at once; a running one within about a second (202)."""
+    """A waiting or queued command ends at once; a running one within about a second
+    (202)."""
     with transaction(db):
         command = _owned_command(db, account, session_id, command_id)
         commands.request_kill(db, command)
@@ -263,7 +302,7 @@ def kill_command(session_id: str, command_id: str, account: AccountDep, db: DbDe
 
 @router.get("/{session_id}/processes", responses=_ERRORS, summary="List live processes")
 def list_processes(session_id: str, account: AccountDep, db: DbDep) -> Response:
-    """The sandbox's commands still running or queued (detached servers included),
+    """The sandbox's commands still running, queued or waiting (detached servers included),
     oldest first, without output: each ends when it exits, is killed, or the sandbox
     hibernates."""
     record = sessions.get_owned(db, account, session_id)

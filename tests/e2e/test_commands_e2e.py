@@ -128,3 +128,31 @@ def test_commands_through_the_api_in_a_real_bwrap_sandbox(
 
 def test_commands_with_rabbitmq_as_the_broker(bwrap_rabbit_stack: Stack, caller: Caller) -> None:
     _commands_round(bwrap_rabbit_stack, caller)
+
+
+def test_auto_resume_starts_a_hibernated_sandbox_and_then_runs_the_command(
+    bwrap_stack: Stack, caller: Caller
+) -> None:
+    with bwrap_stack.client(caller) as client:
+        sid = create(client)["id"]
+        wait_state(client, sid, "active")
+        wrote = finished(client, sid, run(client, sid, cmd="echo before > before.txt")["id"])
+        assert wrote["exitCode"] == 0, wrote
+        kick(client, sid, "hibernate")
+        wait_state(client, sid, "hibernated")
+
+        waiting = run(client, sid, argv=["cat", "before.txt"], autoResume=True)
+        assert waiting["status"] == "waiting", waiting
+        # The start it asked for restores the sandbox; then the command runs there.
+        done = finished(client, sid, waiting["id"])
+        assert done["status"] == "exited" and done["exitCode"] == 0, done
+        assert done["stdout"] == "before\n" and done["host"]
+        session = client.get(f"/api/sessions/{sid}").json()["session"]
+        assert session["lifecycleState"] == "active"
+        assert session["sandboxState"]["type"] == "bwrap"
+        runs = client.get(f"/api/sessions/{sid}/runs").json()["runs"]
+        assert [(r["kind"], r["trigger"], r["state"]) for r in runs][-1] == (
+            "start",
+            "command",
+            "succeeded",
+        )

@@ -169,6 +169,7 @@ def test_up_runs_the_demo_and_stops_cleanly(first_up: Up, base: Path) -> None:
         "provisioned",
         "active",
         "file written",
+        "commands",
         "diff",
         "snapshot",
         "hibernated",
@@ -178,6 +179,15 @@ def test_up_runs_the_demo_and_stops_cleanly(first_up: Up, base: Path) -> None:
         assert f"✓ {step}" in timeline, timeline
     assert "Demo summary" in timeline and "demo passed" in timeline
     assert "+4 -0" in timeline  # the demo file's four lines, counted by the diff
+    if shutil.which("bwrap"):
+        # The file went in through the files API; commands ran through the commands API,
+        # their output in the timeline; the file was read back by `cat` after the resume.
+        assert "via PUT …/files/content" in timeline and "via POST …/commands" in timeline
+        assert "$ git status --short" in timeline and "?? DEMO.md" in timeline, timeline
+        assert "DEMO.md has 4 lines, python 3." in timeline, timeline
+        assert "read by `cat` in the sandbox" in timeline
+    else:
+        assert "skipped: commands need bubblewrap" in timeline
 
     with psycopg.connect(db_conninfo(up.data_dir)) as conn:
         (session_id,) = conn.execute("SELECT id::text FROM sessions").fetchone() or ("",)

@@ -117,7 +117,13 @@ def test_a_session_that_is_not_active_is_409_with_how_to_resume(
     sql_exec("UPDATE sessions SET lifecycle_state = 'hibernated' WHERE id = :id", id=sid)
     err = assert_error(_post(client, caller, sid, {"argv": ["true"]}), 409)
     assert err["lifecycleState"] == "hibernated" and "resume" in err["error"]
+    assert "autoResume" in err["error"]
     assert sql("SELECT count(*) FROM commands")[0][0] == 0
+    # On an active session autoResume changes nothing: queued at once, one job.
+    activate(sid)
+    r = _post(client, caller, sid, {"argv": ["true"], "autoResume": True})
+    assert r.status_code == 202 and r.json()["command"]["status"] == "queued"
+    assert sql("SELECT count(*) FROM lifecycle_runs WHERE kind = 'start'")[0][0] == 0
 
 
 def test_a_plain_directory_sandbox_says_what_to_install(client: TestClient, caller: Caller) -> None:

@@ -1,11 +1,15 @@
 """``lifecycle demo``: one session through its whole lifecycle over HTTP, live.
 
-create → provisioned → active → a file written in the sandbox → diff (line counts) →
-snapshot (size) → hibernated → resumed → the file is still there. Every wait is
-bounded; a step that fails or times out ends the demo with a non-zero exit code.
+create → provisioned → active → a file written in the sandbox (``PUT …/files/content``)
+→ commands run in it (``POST …/commands``: ``git status``, a Python one-liner, their
+output in the timeline) → diff (line counts) → snapshot (size) → hibernated → resumed →
+the file is still there (read back by ``cat`` in the sandbox). Everything goes through
+the API, so the demo runs from anywhere. Every wait is bounded; a step that fails or
+times out ends the demo with a non-zero exit code.
 
-The file step writes into ``sandboxState.workdir`` directly, so the demo has to run on
-the machine that holds the sandbox (the local stack of ``lifecycle up``).
+Commands need the ``bwrap`` sandbox provider (``lifecycle up`` picks it when bubblewrap
+is installed). On the plain ``local`` provider the demo says so, skips the commands and
+reads the file back through the files API instead.
 """
 
 from __future__ import annotations
@@ -22,6 +26,24 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 DEMO_FILE = "DEMO.md"
+#: What runs in the sandbox in the commands step: what the timeline shows, and the argv.
+DEMO_COMMANDS: list[tuple[str, list[str]]] = [
+    ("git status --short", ["git", "status", "--short"]),
+    (
+        "python3 -c '…count the lines…'",
+        [
+            "python3",
+            "-c",
+            f"import sys; n = open('{DEMO_FILE}').read().count(chr(10)); "
+            f"print(f'{DEMO_FILE} has {{n}} lines, python {{sys.version.split()[0]}}')",
+        ],
+    ),
+]
+NO_COMMANDS = (
+    "commands need bubblewrap: this stack runs the plain `local` sandbox provider "
+    "(install it with `apt-get install -y bubblewrap`; `lifecycle up` then uses `bwrap`)"
+)
+_FINISHED = ("exited", "killed", "failed")
 
 
 class StepFailed(Exception):
@@ -69,11 +91,21 @@ class Demo:
         self.sid: str | None = None
         self.session: Session = {}
         self.content = ""
-        self.workdir: Path | None = None
+        self.sandbox_type: str | None = None
+        #: Lines the current step prints under its own (a command's output).
+        self.notes: list[str] = []
         self._t0 = time.monotonic()
+
+    @property
+    def commands_available(self) -> bool:
+        """Whether the session's sandbox runs commands (the ``bwrap`` provider)."""
+        return self.sandbox_type == "bwrap"
 
     # ------------------------------------------------------------------ HTTP
     def _request(self, method: str, path: str, expect: int, **kwargs: Any) -> dict[str, Any]:
+        return self._send(method, path, expect, **kwargs).json()  # type: ignore[no-any-return]
+
+    def _send(self, method: str, path: str, expect: int, **kwargs: Any) -> httpx.Response:
         try:
             response = self.client.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -87,8 +119,7 @@ class Demo:
             except ValueError:
                 message = response.text
             raise StepFailed(f"{method} {path} answered {response.status_code}: {message}")
-        body: dict[str, Any] = response.json()
-        return body
+        return response
 
     def _get(self) -> Session:
         session: Session = self._request("GET", f"/api/sessions/{self.sid}", 200)["session"]
@@ -121,6 +152,26 @@ class Demo:
                 )
             time.sleep(self.poll_interval)
 
+    def _command(self, argv: list[str]) -> dict[str, Any]:
+        """Run ``argv`` in the sandbox through the commands API and wait for its end;
+        a command that does not exit 0 fails the step (with what it printed)."""
+        path = f"/api/sessions/{self.sid}/commands"
+        cid = self._request("POST", path, 202, json={"argv": argv})["command"]["id"]
+        deadline = time.monotonic() + self.timeout
+        while True:
+            command: dict[str, Any] = self._request("GET", f"{path}/{cid}", 200)["command"]
+            if command["status"] in _FINISHED:
+                break
+            if time.monotonic() > deadline:
+                raise StepFailed(f"timed out after {self.timeout:.0f}s waiting for {argv[0]}")
+            time.sleep(self.poll_interval)
+        if command["status"] != "exited" or command["exitCode"] != 0:
+            why = command["error"] or command["stderr"].strip() or command["status"]
+            raise StepFailed(
+                f"{argv[0]} ended {command['status']} (exit code {command['exitCode']}): {why}"
+            )
+        return command
+
     # ------------------------------------------------------------------ steps
     def step_create(self) -> str:
         body = self._request("POST", "/api/sessions", 200, json={"title": "lifecycle demo"})
@@ -144,27 +195,37 @@ class Demo:
 
     def step_active(self) -> str:
         s = self._wait("the sandbox to start", lambda s: s["lifecycleState"] == "active")
-        workdir = s["sandboxState"].get("workdir")
-        if not workdir:
-            raise StepFailed("the active session has no sandboxState.workdir")
-        self.workdir = Path(workdir)
-        return f"sandbox {workdir} (v{s['lifecycleVersion']})"
+        self.sandbox_type = s["sandboxState"].get("type")
+        where = s["sandboxState"].get("workdir") or s["sandboxState"].get("sandboxName")
+        return f"{self.sandbox_type} sandbox {where} (v{s['lifecycleVersion']})"
 
     def step_write(self) -> str:
-        assert self.workdir is not None
-        if not self.workdir.is_dir():
-            raise StepFailed(
-                f"{self.workdir} is not on this machine: run the demo where the worker runs"
-            )
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self.content = (
             "# Written by `lifecycle demo`\n"
             f"\nWritten at {stamp} into the live sandbox.\n"
             "It must survive hibernation and come back on resume.\n"
         )
-        (self.workdir / DEMO_FILE).write_text(self.content)
-        self._request("POST", f"/api/sessions/{self.sid}/activity", 200)
-        return f"{DEMO_FILE} ({len(self.content.splitlines())} lines) in the sandbox"
+        self._send(
+            "PUT",
+            f"/api/sessions/{self.sid}/files/content",
+            200,
+            params={"path": DEMO_FILE},
+            content=self.content.encode(),
+        )
+        return f"{DEMO_FILE} ({len(self.content.splitlines())} lines) via PUT …/files/content"
+
+    def step_commands(self) -> str:
+        if not self.commands_available:
+            return f"skipped: {NO_COMMANDS}"
+        ran = []
+        for shown, argv in DEMO_COMMANDS:
+            command = self._command(argv)
+            self.notes.append(f"$ {shown}")
+            output = (command["stdout"] + command["stderr"]).rstrip("\n")
+            self.notes += [f"  {line}" for line in output.splitlines()] or ["  (no output)"]
+            ran.append(f"{argv[0]} {command['durationMs']:.0f} ms")
+        return "via POST …/commands: " + ", ".join(ran)
 
     def step_diff(self) -> str:
         before = self.session.get("cachedDiffUpdatedAt")
@@ -195,26 +256,29 @@ class Demo:
     def step_hibernate(self) -> str:
         self._kick("hibernate")
         s = self._wait("hibernation", lambda s: s["lifecycleState"] == "hibernated")
-        assert self.workdir is not None
-        gone = "sandbox stopped" if not self.workdir.exists() else "sandbox directory still there"
-        return f"{gone}; snapshot {human_size(s['snapshotSizeBytes'])} (v{s['lifecycleVersion']})"
+        return (
+            f"sandbox stopped; snapshot {human_size(s['snapshotSizeBytes'])} "
+            f"(v{s['lifecycleVersion']})"
+        )
 
     def step_resume(self) -> str:
         self._kick("sandbox")
         s = self._wait("the resume", lambda s: s["lifecycleState"] == "active")
-        self.workdir = Path(s["sandboxState"].get("workdir") or self.workdir or ".")
+        self.sandbox_type = s["sandboxState"].get("type")
         return f"restored from the snapshot (v{s['lifecycleVersion']})"
 
     def step_intact(self) -> str:
-        assert self.workdir is not None
-        path = self.workdir / DEMO_FILE
-        try:
-            found = path.read_text()
-        except OSError as exc:
-            raise StepFailed(f"{DEMO_FILE} is missing after the resume ({exc})") from None
+        if self.commands_available:
+            found = self._command(["cat", DEMO_FILE])["stdout"]
+            how = "read by `cat` in the sandbox"
+        else:
+            found = self._send(
+                "GET", f"/api/sessions/{self.sid}/files/content", 200, params={"path": DEMO_FILE}
+            ).content.decode(errors="replace")
+            how = "read through GET …/files/content"
         if found != self.content:
             raise StepFailed(f"{DEMO_FILE} changed across hibernate/resume")
-        return f"{DEMO_FILE} intact ({len(found.encode())} bytes)"
+        return f"{DEMO_FILE} intact ({len(found.encode())} bytes, {how})"
 
     # ------------------------------------------------------------------ run
     def steps(self) -> list[tuple[str, str, Callable[[], str]]]:
@@ -223,6 +287,7 @@ class Demo:
             ("provisioned", "provisioning the workspace repo and branch", self.step_provisioned),
             ("active", "starting the sandbox", self.step_active),
             ("file written", "writing a file in the sandbox", self.step_write),
+            ("commands", "running commands in the sandbox", self.step_commands),
             ("diff", "computing the diff", self.step_diff),
             ("snapshot", "taking a snapshot", self.step_snapshot),
             ("hibernated", "hibernating", self.step_hibernate),
@@ -256,6 +321,9 @@ class Demo:
                 c.print(
                     f"  {at:6.1f}s  {mark} {name:<13} {detail}", highlight=False, soft_wrap=True
                 )
+                for note in self.notes:
+                    c.print(f"{'':26}{note}", style="dim", highlight=False, markup=False)
+                self.notes.clear()
                 if not ok:
                     break
         self._summary()

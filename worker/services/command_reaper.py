@@ -10,7 +10,11 @@ This sweep ends such rows ``failed``, saying why, in one statement per case:
   belongs to a worker that died (or lost its database) without saying so;
 * ``queued`` for longer than the grace while its session is no longer active: its
   sandbox stopped (or its host was lost) before any worker claimed it, and its message,
-  if it ever arrives, finds nothing to run.
+  if it ever arrives, finds nothing to run;
+* ``waiting`` (``autoResume``) for longer than the grace while its session is not active
+  and no run that would start it is open: the start it waited for ended without making
+  the sandbox active and without failing (skipped, say, because the session was
+  archived meanwhile). A failed start fails its waiting commands itself.
 
 A worker that was merely slow and records its outcome afterwards overwrites the
 ``failed`` with what really happened. The same sweep deletes file operations no API
@@ -75,6 +79,25 @@ _QUEUED_ORPHANS = text(
 )
 
 
+_WAITING_ORPHANS = text(
+    "UPDATE commands AS c SET "
+    + _ENDED.format(
+        reason="format('the sandbox it waited for did not start (the session is %s)', "
+        "s.lifecycle_state)"
+    )
+    + """
+    FROM sessions AS s
+    WHERE c.status = 'waiting' AND s.id = c.session_id AND s.lifecycle_state <> 'active'
+      AND c.created_at < now() - make_interval(secs => :grace)
+      AND NOT EXISTS (
+          SELECT 1 FROM lifecycle_runs AS r
+          WHERE r.session_id = s.id AND r.kind IN ('provision', 'start')
+            AND r.state IN ('pending', 'queued', 'running'))
+    RETURNING c.id
+    """
+)
+
+
 def reap_commands(svc: LifecycleService) -> dict[str, Any]:
     """End the commands no worker will ever finish; purge abandoned file operations."""
     grace = svc.settings.command_reap_grace_seconds
@@ -84,14 +107,20 @@ def reap_commands(svc: LifecycleService) -> dict[str, Any]:
             db.execute(_PAST_DEADLINE, {"grace": grace, "grace_text": f"{grace:g}"}).all()
         )
         orphaned = len(db.execute(_QUEUED_ORPHANS, {"grace": grace}).all())
+        stranded = len(db.execute(_WAITING_ORPHANS, {"grace": grace}).all())
         purged = files.purge_stale(db)
-    if lost or overdue or orphaned:
+    if lost or overdue or orphaned or stranded:
         log.warning(
-            "sandbox.commands_reaped", lost_host=lost, past_deadline=overdue, queued=orphaned
+            "sandbox.commands_reaped",
+            lost_host=lost,
+            past_deadline=overdue,
+            queued=orphaned,
+            waiting=stranded,
         )
     return {
         "lost_host": lost,
         "past_deadline": overdue,
         "queued_orphans": orphaned,
+        "waiting_orphans": stranded,
         "file_ops_purged": purged,
     }

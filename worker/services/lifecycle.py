@@ -57,13 +57,15 @@ from worker.providers.base import PermanentProviderError, TransientProviderError
 from worker.providers.broker import Publisher
 from worker.providers.registry import Providers
 from worker.routing import host_queue
-from worker.services import outbox, runs
+from worker.services import commands, outbox, runs
 from worker.services.sandbox_work import SandboxWork
 
 log = get_logger(__name__)
 
 S = SessionRecord
 ACTIVE = LifecycleState.ACTIVE.value
+#: Runs that start a sandbox: when one fails, the commands waiting for it fail too.
+_STARTS = (RunKind.START.value, RunKind.PROVISION.value)
 
 
 @dataclass
@@ -435,15 +437,29 @@ class LifecycleService:
             jobs = [job.row(row[1])] if row is not None else []
         else:
             # A pending kick goes next, if the record was made: in its own statement, so it
-            # sees a kick committed while the record waited for the session's lock.
-            recorded, dispatched = claim.db.transaction(
-                [
-                    (record, params),
-                    statements.dispatch_next_statement(s.id, to_version, sandbox_state, rid),
-                ]
-            )
+            # sees a kick committed while the record waited for the session's lock. So do
+            # the commands that waited for this start (autoResume): sent to the sandbox's
+            # host once it is active, or failed with the start's error.
+            batch = [
+                (record, params),
+                statements.dispatch_next_statement(s.id, to_version, sandbox_state, rid),
+            ]
+            if values.get("lifecycle_state") == ACTIVE:
+                batch.append(
+                    commands.dispatch_waiting_statement(s.id, to_version, sandbox_state, rid)
+                )
+            elif run_state is RunState.FAILED and claim.run.kind in _STARTS:
+                batch.append(
+                    commands.fail_waiting_statement(s.id, to_version, rid, error or "failed")
+                )
+            recorded, *dispatched = claim.db.transaction(batch)
             row = recorded.fetchone()
-            jobs = [(r[0], r[1], r[2], r[3]) for r in dispatched.fetchall()]
+            jobs = [
+                (r[0], r[1], r[2], r[3])
+                for cur in dispatched
+                if cur.description is not None
+                for r in cur.fetchall()
+            ]
         if row is None:
             # The lease was lost (expired and reaped) while we worked: nothing was recorded
             # and the run ended abandoned; the re-driven run does the work again.
