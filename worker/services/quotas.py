@@ -18,6 +18,14 @@ on committed counts: at the limit exactly the allowed number succeed, the others
 429 with the limit, the current count and, for sandboxes, ``Retry-After`` (the soonest
 an active sandbox of the account is due to hibernate). Accounts without any limit take
 no lock.
+
+The claim of a provision or start checks the active-sandbox cap again
+(``statements.QUOTA_GUARD``, the function ``lifecycle_sandbox_usage`` of migration
+0013), for starts queued without the check above (a CLI kick, a reaper re-queue, the
+chained start): there a session holds a sandbox while ``active`` or ``hibernating``, or
+while a provision/start holds a live lease on it. Refused, the run fails with the
+limit and the count (:func:`claim_refusal`). Every refusal, at the API or the claim, is
+a ``quota.refused`` event (:func:`record_refusal`).
 """
 
 from __future__ import annotations
