@@ -3,7 +3,8 @@
 Every number is read from PostgreSQL (and the broker) when scraped, not counted in
 process memory, so it is the same whichever API process answers and however many
 workers there are: sessions by lifecycle state, runs by kind and outcome, run
-durations, the outbox backlog, live leases, what the sweeps did, the broker queue.
+durations, the outbox backlog, live leases, what the sweeps did, webhook deliveries,
+retention actions, quota refusals, the broker queue.
 """
 
 from __future__ import annotations
@@ -41,7 +42,22 @@ router = APIRouter(tags=["operations"])
 # Upper bounds (seconds) of the run duration histogram.
 RUN_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
-_RUN_COUNTS = text("SELECT kind, state, count(*) FROM lifecycle_runs GROUP BY kind, state")
+# Runs by kind and state, and (in the same pass) those the retention sweep queued.
+_RUN_COUNTS = text(
+    "SELECT kind, state, count(*), count(*) FILTER (WHERE trigger = 'retention')"
+    " FROM lifecycle_runs GROUP BY kind, state"
+)
+_DELIVERIES = text("SELECT state, count(*) FROM webhook_deliveries GROUP BY state")
+# Over the partial index ix_events_counted (migration 0013).
+_AUTO_DELETES = text("SELECT count(*) FROM events WHERE type = 'sweep.auto_delete'")
+_QUOTA_REFUSALS = text(
+    "SELECT data ->> 'quota', data ->> 'at', count(*) FROM events"
+    " WHERE type = 'quota.refused' GROUP BY 1, 2"
+)
+#: Every state of a webhook delivery (services/webhooks.py), each reported even at 0.
+DELIVERY_OUTCOMES = ("queued", "sending", "waiting", "succeeded", "failed", "cancelled")
+QUOTAS = ("active_sandboxes", "sessions")
+QUOTA_CHECKS = ("api", "claim")
 # Durations of finished runs, bucketed in SQL (one pass, one row per kind).
 _RUN_DURATIONS = text(
     "SELECT kind, "
@@ -134,9 +150,12 @@ class DatabaseCollector(Collector):
 
         finished = {(k.value, s.value): 0 for k in RunKind for s in FINISHED_RUN_STATES}
         open_runs = {(k.value, s.value): 0 for k in RunKind for s in OPEN_RUN_STATES}
-        for kind, state, count in db.execute(_RUN_COUNTS):
+        retention_archived = 0
+        for kind, state, count, by_retention in db.execute(_RUN_COUNTS):
             target = open_runs if (kind, state) in open_runs else finished
             target[(kind, state)] = int(count)
+            if kind == RunKind.ARCHIVE.value and state == "succeeded":
+                retention_archived = int(by_retention)
         runs = CounterMetricFamily(
             "lifecycle_runs",
             "Finished lifecycle runs by kind and outcome (from the run history).",
@@ -201,6 +220,7 @@ class DatabaseCollector(Collector):
         )
 
         yield from _sweep_metrics(sweep_stats.all_sweeps(db))
+        yield from _actions(db, retention_archived)
 
     # ------------------------------------------------------------------ broker
     def _from_broker(self) -> Iterator[Metric]:
@@ -246,6 +266,43 @@ class DatabaseCollector(Collector):
         for name in ordered:
             pipe.llen(name)
         return {name: int(n) for name, n in zip(ordered, pipe.execute(), strict=True)}
+
+
+def _actions(db: Session, retention_archived: int) -> Iterator[Metric]:
+    """Webhook deliveries by outcome, retention actions, quota refusals."""
+    deliveries = GaugeMetricFamily(
+        "lifecycle_webhook_deliveries",
+        "Webhook deliveries by state: queued, sending, waiting (a retry is due later),"
+        " succeeded, failed (the retry schedule ran out), cancelled (endpoint disabled).",
+        labels=["outcome"],
+    )
+    by_state = dict.fromkeys(DELIVERY_OUTCOMES, 0)
+    for state, count in db.execute(_DELIVERIES):
+        by_state[state] = int(count)
+    for state, count in by_state.items():
+        deliveries.add_metric([state], count)
+    yield deliveries
+    retention = CounterMetricFamily(
+        "lifecycle_retention_actions",
+        "What the retention sweep did: sessions archived (their archive run succeeded) and"
+        " archived sessions whose snapshots and sandbox data were deleted.",
+        labels=["action"],
+    )
+    retention.add_metric(["archived"], retention_archived)
+    retention.add_metric(["deleted"], int(db.execute(_AUTO_DELETES).scalar_one()))
+    yield retention
+    refusals = CounterMetricFamily(
+        "lifecycle_quota_refusals",
+        "Requests and runs refused by a per-account quota, by quota and where it was"
+        " checked (api: a 429; claim: a queued start or provision that failed).",
+        labels=["quota", "at"],
+    )
+    counts = {(q, at): 0 for q in QUOTAS for at in QUOTA_CHECKS}
+    for quota, at, count in db.execute(_QUOTA_REFUSALS):
+        counts[(str(quota), str(at))] = int(count)
+    for (quota, at), count in sorted(counts.items()):
+        refusals.add_metric([quota, at], count)
+    yield refusals
 
 
 def _le(bound: float) -> str:

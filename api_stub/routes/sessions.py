@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -144,7 +146,8 @@ def _create_session(
                 missing_fields=["title"],
             )
         repo_host = request.app.state.repo_host
-        with transaction(db):
+        refusals = _refusals_recorded(db, "provision", account, org=create.organization_id)
+        with refusals, transaction(db):
             if idempotency_key is not None:
                 replay = idempotency.begin(
                     db,
@@ -263,6 +266,34 @@ def patch_session(
     return JSONResponse({"session": result}, headers={"ETag": etag_of(result)})
 
 
+@contextmanager
+def _refusals_recorded(
+    db: Any,
+    kind: str,
+    account: uuid.UUID,
+    *,
+    org: uuid.UUID | None = None,
+    session_id: str | None = None,
+) -> Iterator[None]:
+    """A 429 leaves nothing behind in its rolled-back transaction: record it durably
+    (a ``quota.refused`` event, counted by ``/metrics``) in one of its own."""
+    try:
+        yield
+    except quotas.QuotaExceeded as refusal:
+        with transaction(db):
+            record = sessions.get_owned(db, account, session_id) if session_id else None
+            quotas.record_refusal(
+                db,
+                refusal,
+                at="api",
+                kind=kind,
+                session=record,
+                account_id=account,
+                organization_id=org,
+            )
+        raise
+
+
 def _kick(
     request: Request,
     session_id: str,
@@ -275,7 +306,7 @@ def _kick(
     """202 ``{session, run, reason}`` with the run that will act (new, or the open one the
     kick joined, ``reason`` saying which); 200 with ``run: null`` and ``reason`` when the
     session is already there; 409 (with ``lifecycleState``) when the kick cannot act."""
-    with transaction(db):
+    with _refusals_recorded(db, kind.value, account, session_id=session_id), transaction(db):
         record = sessions.get_owned(db, account, session_id, lock=True)
         if kind is RunKind.START:
             quotas.check_start(db, app_settings(request), record)

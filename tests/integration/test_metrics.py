@@ -3,9 +3,11 @@ same from any API process; a scrape never fails because PostgreSQL or Redis is a
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,11 +16,17 @@ from sqlalchemy.orm import sessionmaker
 
 from api_stub.routes.metrics import registry_for
 from tests.support.api import create
+from tests.support.drains import drain
+from tests.support.events import session_for
 from tests.support.factories import Caller
 from tests.support.rows import sql, sql_exec
+from tests.support.sessions import kick
+from tests.support.webhooks import Receiver
 from worker.config import Settings, get_settings
 from worker.db.engine import get_sessionmaker
-from worker.services import sweep_stats
+from worker.domain.lifecycle import OutcomeStatus, RunKind
+from worker.services import quotas, retention, sweep_stats, webhooks
+from worker.services.lifecycle import LifecycleService
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
@@ -154,3 +162,70 @@ def test_no_queue_length_for_non_redis_brokers(server_urls: dict[str, str]) -> N
     m = parse(generate_latest(registry_for(settings)).decode())
     assert m["lifecycle_database_up"][()] == 1
     assert "lifecycle_broker_up" not in m and "lifecycle_broker_queue_length" not in m
+
+
+def test_webhook_deliveries_retention_actions_and_quota_refusals(
+    client: TestClient, caller: Caller, svc: LifecycleService, api_app: FastAPI
+) -> None:
+    def value(samples: Samples, name: str, **labels: str) -> float:
+        return samples[name][tuple(sorted(labels.items()))]
+
+    before = scrape(client)
+    for outcome in ("queued", "succeeded", "failed", "waiting", "cancelled", "sending"):
+        assert value(before, "lifecycle_webhook_deliveries", outcome=outcome) == 0
+    assert value(before, "lifecycle_retention_actions_total", action="archived") == 0
+    assert value(before, "lifecycle_quota_refusals_total", quota="active_sandboxes", at="api") == 0
+
+    # Deliveries: every event of a session's life to a receiver that answers 200.
+    settings = get_settings().model_copy(update={"webhook_allow_private": True})
+    previous, api_app.state.settings = api_app.state.settings, settings
+    receiver = Receiver()
+    try:
+        hook = client.post("/api/webhooks", json={"url": receiver.url}, headers=caller.headers)
+        assert hook.status_code == 201, hook.text
+        kept = session_for(
+            client, caller, svc, autoArchiveAfterSeconds=60, autoDeleteAfterSeconds=60
+        )
+        drain(svc, uuid.UUID(kept))
+        queued = value(scrape(client), "lifecycle_webhook_deliveries", outcome="queued")
+        assert queued > 0
+        for (delivery,) in sql("SELECT id FROM webhook_deliveries WHERE state = 'queued'"):
+            assert webhooks.deliver(get_sessionmaker(), settings, delivery) == "succeeded"
+    finally:
+        receiver.close()
+        api_app.state.settings = previous
+    got = scrape(client)
+    assert value(got, "lifecycle_webhook_deliveries", outcome="succeeded") == queued
+    assert value(got, "lifecycle_webhook_deliveries", outcome="queued") == 0
+
+    # Retention: archived by the sweep, then emptied.
+    assert client.post(f"/api/sessions/{kept}/hibernate", headers=caller.headers).status_code == 202
+    drain(svc, uuid.UUID(kept))
+    sql_exec("UPDATE sessions SET updated_at = now() - interval '61 s'")
+    assert retention.sweep(svc) == {"archived": 1, "deleted": 0}
+    drain(svc, uuid.UUID(kept))
+    assert value(scrape(client), "lifecycle_retention_actions_total", action="archived") == 1
+    sql_exec("UPDATE sessions SET archived_at = now() - interval '61 s' WHERE id = :id", id=kept)
+    assert retention.sweep(svc) == {"archived": 0, "deleted": 1}
+    got = scrape(client)
+    assert value(got, "lifecycle_retention_actions_total", action="deleted") == 1
+    assert value(got, "lifecycle_retention_actions_total", action="archived") == 1
+
+    # Quota refusals: a 429 (its transaction rolled back) and a refused claim.
+    other = session_for(client, caller, svc)
+    drain(svc, uuid.UUID(other))
+    with get_sessionmaker().begin() as db:
+        quotas.set_limits(db, caller.account_id, active_sandboxes=1, sessions=None)
+    assert client.post("/api/sessions", headers=caller.headers).status_code == 429
+    assert (
+        client.post(f"/api/sessions/{other}/hibernate", headers=caller.headers).status_code == 202
+    )
+    drain(svc, uuid.UUID(other))
+    with get_sessionmaker().begin() as db:
+        quotas.set_limits(db, caller.account_id, active_sandboxes=0, sessions=None)
+    kick(svc, uuid.UUID(other), RunKind.START)  # as the CLI queues it: no 429 up front
+    assert drain(svc, uuid.UUID(other)) == [OutcomeStatus.FAILED]
+    got = scrape(client)
+    assert value(got, "lifecycle_quota_refusals_total", quota="active_sandboxes", at="api") == 1
+    assert value(got, "lifecycle_quota_refusals_total", quota="active_sandboxes", at="claim") == 1
+    assert value(got, "lifecycle_quota_refusals_total", quota="sessions", at="api") == 0

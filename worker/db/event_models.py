@@ -49,6 +49,12 @@ class EventRecord(Base):
             "id",
             postgresql_where=text("organization_id IS NOT NULL"),
         ),
+        # The events /metrics counts (migration 0013).
+        Index(
+            "ix_events_counted",
+            "type",
+            postgresql_where=text("type IN ('quota.refused', 'sweep.auto_delete')"),
+        ),
     )
 
 

@@ -238,6 +238,18 @@ ELIGIBILITY: dict[RunKind, str] = {
     RunKind.ARCHIVE: f"{_NOT_ARCHIVED} AND s.status = 'archived'",
 }
 
+#: The active-sandbox cap, checked inside the claim of the kinds that start a sandbox:
+#: ``lifecycle_sandbox_usage`` (migration 0013) locks the session and its quota account
+#: and counts the account's other sessions holding a sandbox, with a snapshot taken after
+#: the lock, so concurrent claims of one account are decided one after another. NULL cap
+#: (no limit) or an already active session passes. ``%(max_active)s`` is the operator's
+#: default cap.
+QUOTA_GUARD: dict[RunKind, str] = {
+    kind: "(SELECT u.current < u.cap IS NOT FALSE"
+    " FROM lifecycle_sandbox_usage(s.id, %(max_active)s) AS u)"
+    for kind in (RunKind.PROVISION, RunKind.START)
+}
+
 #: The state the session shows while the run holds its lease.
 CLAIM_STATE: dict[RunKind, str] = {
     RunKind.PROVISION: "'provisioning'",
@@ -260,6 +272,7 @@ def _claim_sql(kind: RunKind) -> str:
     and mark the run running — one statement. Returns one row when the run exists:
     the run's state, kind and trigger, the claimed session's columns (NULL when the
     guards failed) and the run's attempts after this one."""
+    quota = f"\n        AND {QUOTA_GUARD[kind]}" if kind in QUOTA_GUARD else ""
     return f"""
 WITH run AS (
     SELECT state, kind, trigger FROM lifecycle_runs
@@ -275,7 +288,7 @@ WITH run AS (
         AND s.lifecycle_version = %(version)s
         AND (s.lifecycle_run_id IS NULL OR s.lease_expires_at < now())
         AND EXISTS (SELECT 1 FROM run WHERE run.state IN ('queued', 'running'))
-        AND {ELIGIBILITY[kind]}
+        AND {ELIGIBILITY[kind]}{quota}
     RETURNING {_VIEW_COLUMNS}
 ), started AS (
     UPDATE lifecycle_runs SET

@@ -56,6 +56,7 @@ def append(
     reason: str,
     session: SessionRecord | None = None,
     account_id: uuid.UUID | None = None,
+    organization_id: uuid.UUID | None = None,
     run_id: uuid.UUID | None = None,
     data: dict[str, Any] | None = None,
 ) -> int:
@@ -68,7 +69,9 @@ def append(
                 "type": type_,
                 "session_id": session.id if session is not None else None,
                 "user_id": session.user_id if session is not None else account_id,
-                "organization_id": session.organization_id if session is not None else None,
+                "organization_id": (
+                    session.organization_id if session is not None else organization_id
+                ),
                 "run_id": run_id,
                 "version": session.lifecycle_version if session is not None else None,
                 "reason": reason,

@@ -57,7 +57,7 @@ from worker.providers.base import PermanentProviderError, TransientProviderError
 from worker.providers.broker import Publisher
 from worker.providers.registry import Providers
 from worker.routing import host_queue
-from worker.services import commands, outbox, runs
+from worker.services import commands, outbox, quotas, runs
 from worker.services.sandbox_work import SandboxWork
 
 log = get_logger(__name__)
@@ -119,6 +119,16 @@ class Claim:
 
 class Skip(Exception):
     """The claim found the session not eligible; the run ends skipped with this reason."""
+
+
+class Refused(Exception):
+    """The claim of a provision or start found the account's active-sandbox cap full:
+    the run ended failed with this reason (and the session's ``lifecycleError``)."""
+
+    def __init__(self, reason: str, from_version: int, to_version: int) -> None:
+        super().__init__(reason)
+        self.from_version = from_version
+        self.to_version = to_version
 
 
 class LifecycleService:
@@ -193,6 +203,14 @@ class LifecycleService:
                 claim = self._claim(db, kind, sid, rid, version, task_id)
             except Skip as skip:
                 return Outcome(OutcomeStatus.SKIPPED, reason=str(skip), from_version=version)
+            except Refused as refused:
+                return Outcome(
+                    OutcomeStatus.FAILED,
+                    reason=str(refused),
+                    from_version=refused.from_version,
+                    to_version=refused.to_version,
+                    duration=time.monotonic() - started,
+                )
             if claim is None:
                 return Outcome(
                     OutcomeStatus.SKIPPED, reason="duplicate delivery", from_version=version
@@ -234,11 +252,15 @@ class LifecycleService:
         }
         if kind is RunKind.HIBERNATE:
             params["guard"] = self._guard
+        if kind in statements.QUOTA_GUARD:
+            params["max_active"] = self.settings.max_active_sandboxes
         claim = self._claimed(db.execute(statements.CLAIM_SQL[kind], params).fetchone(), rid, db)
         if claim is not False:
             return claim
         # Open but not claimed. As one transaction: lock the run and try again (things
-        # may have moved since), and if the session is still not ours say why.
+        # may have moved since), and if the session is still not ours say why: over the
+        # active-sandbox cap, the run fails with the limit; otherwise it is skipped.
+        refused: Refused | None = None
         with self.factory.begin() as orm:
             row = orm.connection().exec_driver_sql(statements.CLAIM_SQL[kind], params).first()
             claim = self._claimed(row, rid, db)
@@ -248,17 +270,56 @@ class LifecycleService:
             if run is None:  # the claim returned its row: it exists, and stays locked
                 raise RuntimeError(f"run {rid} vanished under its lock")
             current = orm.get(SessionRecord, sid)
-            reason = self._why_not(kind, run, current, version)
-            if reason is None:
-                return None  # someone holds a live lease (maybe this run): not ours to end
-            self.finish_run(run, RunState.SKIPPED, error=reason, to_version=None)
-            if current is not None and current.lifecycle_run_id is None:
-                jobs = runs.dispatch_next(orm, current)
+            refusal = quotas.claim_refusal(orm, kind, params)
+            if refusal is not None and current is not None:
+                jobs = self._refuse(orm, run, current, refusal)
+                refused = Refused(refusal.message, version, current.lifecycle_version)
             else:
-                jobs = []
+                reason = self._why_not(kind, run, current, version)
+                if reason is None:
+                    return None  # someone holds a live lease (maybe this run): not ours to end
+                self.finish_run(run, RunState.SKIPPED, error=reason, to_version=None)
+                if current is not None and current.lifecycle_run_id is None:
+                    jobs = runs.dispatch_next(orm, current)
+                else:
+                    jobs = []
             orm.flush()
         self._publish(jobs)
+        if refused is not None:
+            raise refused
         raise Skip(reason)
+
+    def _refuse(
+        self,
+        orm: Session,
+        run: LifecycleRunRecord,
+        current: SessionRecord,
+        refusal: quotas.QuotaExceeded,
+    ) -> list[OutboxRecord]:
+        """Record a claim refused by the active-sandbox cap, as a failure is recorded
+        (run ``failed``, ``lifecycleError``, version + 1, the lease of this run's earlier
+        attempt, if any, released), and dispatch the next pending run. The session rests
+        where it was: ``hibernated`` when it has a snapshot to resume from, else
+        ``failed``."""
+        now = datetime.now(UTC)
+        message = refusal.message
+        resting = (
+            LifecycleState.HIBERNATED
+            if current.snapshot_url and current.lifecycle_state != LifecycleState.FAILED.value
+            else LifecycleState.FAILED
+        )
+        current.lifecycle_state = resting.value
+        current.lifecycle_error = message
+        current.lifecycle_version += 1
+        current.lifecycle_run_id = None
+        current.lease_expires_at = None
+        current.updated_at = now
+        self.finish_run(run, RunState.FAILED, error=message, to_version=current.lifecycle_version)
+        orm.flush()
+        quotas.record_refusal(
+            orm, refusal, at="claim", kind=run.kind, session=current, run_id=run.id
+        )
+        return runs.dispatch_next(orm, current)
 
     @staticmethod
     def _claimed(row: Any, rid: uuid.UUID, db: KeptConnection) -> Claim | Literal[False] | None:

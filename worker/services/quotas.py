@@ -18,6 +18,14 @@ on committed counts: at the limit exactly the allowed number succeed, the others
 429 with the limit, the current count and, for sandboxes, ``Retry-After`` (the soonest
 an active sandbox of the account is due to hibernate). Accounts without any limit take
 no lock.
+
+The claim of a provision or start checks the active-sandbox cap again
+(``statements.QUOTA_GUARD``, the function ``lifecycle_sandbox_usage`` of migration
+0013), for starts queued without the check above (a CLI kick, a reaper re-queue, the
+chained start): there a session holds a sandbox while ``active`` or ``hibernating``, or
+while a provision/start holds a live lease on it. Refused, the run fails with the
+limit and the count (:func:`claim_refusal`). Every refusal, at the API or the claim, is
+a ``quota.refused`` event (:func:`record_refusal`).
 """
 
 from __future__ import annotations
@@ -25,17 +33,31 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from worker.config import Settings
+from worker.db import statements
 from worker.db.models import AccountRecord, SessionRecord
+from worker.domain.lifecycle import RunKind
 from worker.errors import DomainError, NotFound
+from worker.services import events
 
 
 class QuotaExceeded(DomainError):
+    """Over a cap; ``quota`` names which (``active_sandboxes`` or ``sessions``)."""
+
     status_code = 429
+
+    def __init__(self, message: str, *, quota: str = "active_sandboxes", **extra: object) -> None:
+        super().__init__(message, **extra)
+        self.quota = quota
+
+
+def sandbox_limit_message(current: int, cap: int) -> str:
+    return f"Active sandbox limit reached ({current} of {cap}); hibernate one first"
 
 
 _HOLDS_SANDBOX = """(
@@ -109,7 +131,7 @@ def _sandbox_cap(
     soonest = db.execute(_SOONEST_DUE[org], params).scalar()
     retry = max(1, math.ceil(float(soonest))) if soonest is not None else None
     raise QuotaExceeded(
-        f"Active sandbox limit reached ({current} of {cap}); hibernate one first",
+        sandbox_limit_message(current, cap),
         limit=cap,
         current=current,
         retryAfterSeconds=retry,
@@ -131,6 +153,7 @@ def check_create(db: Session, settings: Settings, session: SessionRecord) -> Non
         if current >= found.sessions:
             raise QuotaExceeded(
                 f"Session limit reached ({current} of {found.sessions}); archive one first",
+                quota="sessions",
                 limit=found.sessions,
                 current=current,
             )
@@ -152,6 +175,68 @@ def check_start(db: Session, settings: Settings, session: SessionRecord) -> None
     if holds:
         return
     _sandbox_cap(db, account, org, found.active_sandboxes, session.id)
+
+
+# The claim's quota guard failed and every other guard holds (the claim statement's
+# guards without QUOTA_GUARD): the account's cap and its count, in the caller's
+# transaction, under the locks lifecycle_sandbox_usage takes. The session may also be
+# held by this run's own expired lease (a re-delivery after a lost worker).
+_CLAIM_REFUSAL = {
+    kind: f"""
+SELECT u.cap, u.current
+FROM sessions AS s, LATERAL lifecycle_sandbox_usage(s.id, %(max_active)s) AS u
+WHERE s.id = %(sid)s AND s.lifecycle_version = %(version)s
+    AND (s.lifecycle_run_id IS NULL
+         OR (s.lifecycle_run_id = %(rid)s AND s.lease_expires_at < now()))
+    AND {statements.ELIGIBILITY[kind]}
+    AND u.current >= u.cap
+"""
+    for kind in statements.QUOTA_GUARD
+}
+
+
+def claim_refusal(db: Session, kind: RunKind, params: dict[str, Any]) -> QuotaExceeded | None:
+    """Why the claim of a provision or start (``params``: the claim's) took nothing, if
+    it was the active-sandbox cap: the refusal, with the limit and the current count.
+    None for every other reason (the caller's ``_why_not`` says which)."""
+    if kind not in _CLAIM_REFUSAL:
+        return None
+    row = db.connection().exec_driver_sql(_CLAIM_REFUSAL[kind], params).first()
+    if row is None:
+        return None
+    cap, current = int(row[0]), int(row[1])
+    return QuotaExceeded(sandbox_limit_message(current, cap), limit=cap, current=current)
+
+
+def record_refusal(
+    db: Session,
+    refusal: QuotaExceeded,
+    *,
+    at: str,
+    kind: str,
+    session: SessionRecord | None = None,
+    account_id: uuid.UUID | None = None,
+    organization_id: uuid.UUID | None = None,
+    run_id: uuid.UUID | None = None,
+) -> None:
+    """Append the ``quota.refused`` event (``/metrics`` counts them): ``at`` is ``api``
+    (a 429, written after its transaction rolled back) or ``claim``."""
+    events.append(
+        db,
+        "quota.refused",
+        reason=f"{kind} refused: {refusal.message}",
+        session=session,
+        account_id=account_id,
+        organization_id=organization_id,
+        run_id=run_id,
+        data={
+            "quota": refusal.quota,
+            "at": at,
+            "kind": kind,
+            "limit": refusal.extra.get("limit"),
+            "current": refusal.extra.get("current"),
+        },
+    )
 
 
 def set_limits(
