@@ -149,6 +149,11 @@ def test_up_runs_the_demo_and_stops_cleanly(first_up: Up, base: Path) -> None:
 
     expected = "Sandboxes bwrap" if shutil.which("bwrap") else "Sandboxes local"
     assert expected in banner
+    # Start-up noise: Celery's banners and its superuser warning are gone; the banner
+    # says what they said, once.
+    assert "SecurityWarning" not in banner and "celery beat v" not in banner
+    assert "-------------- [queues]" not in banner
+    assert "  Worker    2 processes on queues lifecycle and lifecycle.host." in banner
     assert (up.data_dir / "dev-credentials.json").stat().st_mode & 0o777 == 0o600
     assert (up.data_dir / "postgres" / "pgdata" / "PG_VERSION").exists()
     assert (up.data_dir / "redis" / "redis.pid").exists()

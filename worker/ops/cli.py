@@ -89,6 +89,10 @@ def worker(
     pool: Annotated[str, typer.Option(help="prefork | threads | solo")] = "prefork",
     queues: Annotated[str | None, typer.Option("--queues", "-Q", help="Extra queues")] = None,
     loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
+    quiet: Annotated[
+        bool,
+        typer.Option(help="No Celery banner, no superuser warning (lifecycle up explains both)"),
+    ] = False,
 ) -> None:
     """Run a Celery worker on the default queue and this host's own queue.
 
@@ -101,7 +105,14 @@ def worker(
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
     names = [DEFAULT_QUEUE, host_queue()] + ([q for q in queues.split(",") if q] if queues else [])
+    if quiet:
+        import warnings
+
+        from celery.exceptions import SecurityWarning
+
+        warnings.filterwarnings("ignore", category=SecurityWarning)
     argv = [
+        *(["--quiet"] if quiet else []),
         "worker",
         f"--concurrency={concurrency}",
         f"--pool={pool}",
@@ -110,11 +121,14 @@ def worker(
         "--events",
         *ctx.args,
     ]
-    celery_app.worker_main(argv)
+    celery_app.start(argv)
 
 
 @app.command()
-def beat(loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO") -> None:
+def beat(
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
+    quiet: Annotated[bool, typer.Option(help="No Celery banner")] = False,
+) -> None:
     """Run Celery beat (the scheduled sweeps)."""
     from worker.celery_app import app as celery_app
     from worker.logging import configure_logging
@@ -125,7 +139,14 @@ def beat(loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO") ->
     survive_broker_loss()
     schedule = settings.data_dir / "celerybeat-schedule"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    celery_app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
+    celery_app.start(
+        [
+            *(["--quiet"] if quiet else []),
+            "beat",
+            f"--loglevel={loglevel}",
+            f"--schedule={schedule}",
+        ]
+    )
 
 
 @app.command()

@@ -43,6 +43,7 @@ from worker.ops.ports import LOOPBACK, port_is_free
 from worker.ops.supervisor import STOP_GRACE, Supervisor
 from worker.ops.target import StackFile, write_stack_file
 from worker.providers.bwrap import find_bwrap
+from worker.routing import this_host
 
 CREDENTIALS_FILE = "dev-credentials.json"
 DEV_ACCOUNT_NAME = "Development"
@@ -182,6 +183,8 @@ class StackInfo:
     credentials_created: bool
     flower_authenticated: bool
     sandbox_provider: str = "local"
+    concurrency: int = 2
+    hostname: str = ""
 
 
 class Stack:
@@ -311,8 +314,10 @@ class Stack:
             say=self.say,
         )
         sup.add("api", [*lifecycle, "api", "--host", LOOPBACK, "--port", str(opts.api_port)])
-        sup.add("worker", [*lifecycle, "worker", "--concurrency", str(opts.concurrency)])
-        sup.add("beat", [*lifecycle, "beat"])
+        # Celery's banners and its superuser warning would push the key off the screen;
+        # the banner below says what they said (see ``banner``).
+        sup.add("worker", [*lifecycle, "worker", "--concurrency", str(opts.concurrency), "--quiet"])
+        sup.add("beat", [*lifecycle, "beat", "--quiet"])
         flower_url: str | None = None
         if opts.flower:
             argv = [
@@ -339,6 +344,8 @@ class Stack:
             credentials_created=created,
             flower_authenticated=flower_auth,
             sandbox_provider=get_settings().sandbox_provider,
+            concurrency=opts.concurrency,
+            hostname=this_host(),
         )
         # Admin commands run from the same data directory act on this stack.
         write_stack_file(
@@ -411,6 +418,9 @@ def banner(info: StackInfo, data_dir: Path) -> str:
         f"  Database  {db}",
         f"  Broker    {broker}",
         f"  Data      {data_dir}   (logs in {data_dir / 'logs'})",
+        "  Worker    "
+        + f"{info.concurrency} processes on queues lifecycle and lifecycle.host.{info.hostname}"
+        + ("   (as root: Celery's superuser warning is silenced)" if os.geteuid() == 0 else ""),
         "  Sandboxes "
         + (
             "bwrap (agents' commands run confined by bubblewrap)"
