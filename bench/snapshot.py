@@ -8,8 +8,9 @@ few symbolic links and empty directories, in nested directories.
 
 System: :class:`worker.providers.file_snapshots.FileSnapshotStore` (level 3) ``save``
 then ``restore`` into an empty directory (the worker's code: ``tar | zstd -T0`` into a
-temporary file that is fsynced and renamed; restore validates every member before
-extracting with ``O_EXCL | O_NOFOLLOW``).
+temporary file that is fsynced and renamed; restore checks every member as it
+extracts it with ``O_EXCL | O_NOFOLLOW`` into a staging directory, renamed into place
+once the whole archive passed).
 Baseline: ``tar -C dir -cf - . | zstd -3 -T0 -c > file`` and
 ``zstd -d -c file | tar -C target -xf -``.
 

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import pytest
 
 from tests.support.s3 import MotoS3
 from tests.unit.test_file_snapshots import (
+    LATE_HOSTILE,
     MALICIOUS,
+    StagingSpy,
     _assert_nothing_written,
     _corruptions,
     _zstd,
@@ -24,6 +27,7 @@ from tests.unit.test_file_snapshots import (
     make_workdir,
     make_writable,
     manifest,
+    many_good_members,
 )
 from worker.config import Settings
 from worker.providers.base import (
@@ -200,6 +204,101 @@ def test_hostile_archive_is_refused(
     before = manifest(tmp_path)
     with pytest.raises(PermanentProviderError, match="snapshot evil refused: member '"):
         store.restore(url, parent / "target")
+    _assert_nothing_written(tmp_path, parent, outside, before)
+
+
+def _many_files(root: Path, count: int = 200) -> Path:
+    for i in range(count):
+        (root / f"d{i % 5}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i % 5}" / f"f{i}.bin").write_bytes(os.urandom(600))  # incompressible
+    os.symlink("d0/f0.bin", root / "link")
+    return root
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["missing-target", "empty-target"])
+@pytest.mark.parametrize("case", ["last-bytes-flipped", "record-of-another-archive"])
+def test_damage_found_only_at_the_end_of_the_stream_leaves_the_target_untouched(
+    store: S3SnapshotStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    existing: bool,
+) -> None:
+    """The object has the recorded size, so the restore streams it: the damage shows
+    only at the end (the zstd frame's checksum, or only the SHA-256 when the object is
+    a whole valid archive other than the one recorded), after the files were written
+    into the staging directory. It goes; the target stays as found; no link was made."""
+    info = store.save("k", _many_files(tmp_path / "src"))
+    obj = store.object_key("k")
+    blob = _object_bytes(store, "k")
+    if case == "last-bytes-flipped":
+        damaged = bytearray(blob)
+        damaged[-2] ^= 0x5A
+        store.client.put_object(Bucket=store.bucket, Key=obj, Body=bytes(damaged))
+    else:
+        record = {"sha256": hashlib.sha256(b"another archive").hexdigest(), "size": len(blob)}
+        store.client.put_object(Bucket=store.bucket, Key=obj + ".sha256", Body=json.dumps(record))
+    parent = tmp_path / "sandboxes"
+    parent.mkdir()
+    target = parent / "target"
+    if existing:
+        target.mkdir(mode=0o750)
+    spy = StagingSpy(monkeypatch)
+    with pytest.raises(PermanentProviderError) as err:
+        store.restore(info.url, target)
+    assert str(err.value) == (
+        "snapshot k is corrupt: its SHA-256 does not match the one recorded when it was "
+        "saved (the stored object is damaged or was replaced); nothing was restored"
+    )
+    [(staging, held)] = spy.removed
+    assert staging.parent == parent and held >= 100
+    if case == "record-of-another-archive":  # every file written, not one link made
+        assert held == 200
+    if existing:
+        assert [p.name for p in parent.iterdir()] == ["target"]
+        assert list(target.iterdir()) == []
+        assert stat.S_IMODE(target.stat().st_mode) == 0o750
+    else:
+        assert list(parent.iterdir()) == []
+
+
+def test_a_truncated_object_is_refused_before_it_is_read(
+    store: S3SnapshotStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its length (the response's) differs from the record: refused at once."""
+    info = store.save("k", _many_files(tmp_path / "src", 20))
+    blob = _object_bytes(store, "k")
+    store.client.put_object(Bucket=store.bucket, Key=store.object_key("k"), Body=blob[:-1])
+    spy = StagingSpy(monkeypatch)
+    with pytest.raises(PermanentProviderError, match="truncated or replaced"):
+        store.restore(info.url, tmp_path / "t")
+    assert spy.removed == [] and not (tmp_path / "t").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("case", sorted(LATE_HOSTILE))
+def test_a_hostile_member_late_in_the_archive_leaves_nothing_behind(
+    store: S3SnapshotStore,
+    tmp_path: Path,
+    outside: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    """An object with a matching SHA-256: hundreds of good files reach the staging
+    directory before the hostile member does; all of it goes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for info, data in many_good_members() + LATE_HOSTILE[case](str(outside)):
+            tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    url = _put(store, "evil", _zstd(buf.getvalue()))
+    parent = tmp_path / "sandboxes"
+    parent.mkdir()
+    before = manifest(tmp_path)
+    spy = StagingSpy(monkeypatch)
+    with pytest.raises(PermanentProviderError, match="snapshot evil refused: member '"):
+        store.restore(url, parent / "target")
+    [(staging, held)] = spy.removed
+    assert staging.parent == parent and held >= 300
     _assert_nothing_written(tmp_path, parent, outside, before)
 
 

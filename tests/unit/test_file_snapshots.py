@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from worker.providers import snapshot_extract
 from worker.providers.base import PermanentProviderError, SnapshotStore
 from worker.providers.file_snapshots import FileSnapshotStore
 from worker.providers.local_sandbox import LocalSandboxProvider
@@ -569,6 +570,172 @@ def test_refusal_message_names_the_member(store: FileSnapshotStore, tmp_path: Pa
     assert str(err.value) == (
         "snapshot evil refused: member '../escape' would land outside the sandbox"
     )
+
+
+# ------------------------------------------------ single pass through a staging directory
+
+
+class StagingSpy:
+    """Records each staging directory a failed restore removes, with how many files
+    and links it held then: proof that the restore had already written into it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.removed: list[tuple[Path, int]] = []
+        real = snapshot_extract._remove_tree
+
+        def spy(path: Path) -> None:
+            held = sum(len(files) for _, _, files in os.walk(path))
+            self.removed.append((path, held))
+            real(path)
+
+        monkeypatch.setattr(snapshot_extract, "_remove_tree", spy)
+
+
+def many_good_members(count: int = 300) -> Members:
+    """``count`` small files over a few directories, and a link early on."""
+    members: Members = [_member("early-link", tarfile.SYMTYPE, link="d0/f0.txt")]
+    for i in range(count):
+        members.append(_member(f"d{i % 7}/f{i}.txt", data=f"file {i}\n".encode() * 20))
+    return members
+
+
+# Hostile members that only come after many good ones.
+LATE_HOSTILE: dict[str, Callable[[str], Members]] = {
+    "dotdot": lambda out: [_member("../escape")],
+    "absolute-outside": lambda out: [_member(f"{out}/sentinel.txt")],
+    "link-then-write-through-outside": lambda out: [
+        _member("zz", tarfile.SYMTYPE, link=out),
+        _member("zz/sentinel.txt"),
+    ],
+    "write-then-link": lambda out: [_member("d3", tarfile.SYMTYPE, link=out)],
+    "early-link-written-through": lambda out: [_member("early-link/x")],
+    "hardlink-outside": lambda out: [_member("h", tarfile.LNKTYPE, link=f"{out}/sentinel.txt")],
+    "replaces-a-file": lambda out: [_member("d1/f1.txt", data=b"second copy")],
+    "fifo": lambda out: [_member("pipe", tarfile.FIFOTYPE)],
+}
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["missing-target", "empty-target"])
+@pytest.mark.parametrize("case", sorted(LATE_HOSTILE))
+def test_a_hostile_member_late_in_the_archive_leaves_nothing_behind(
+    store: FileSnapshotStore,
+    tmp_path: Path,
+    outside: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    existing: bool,
+) -> None:
+    """Hundreds of good files are written (into the staging directory) before the
+    hostile member arrives: all of it goes, and the target is as it was found."""
+    members = many_good_members() + LATE_HOSTILE[case](str(outside))
+    url = _write_archive(store, "evil", members)
+    parent = tmp_path / "sandboxes"
+    parent.mkdir()
+    target = parent / "target"
+    if existing:
+        target.mkdir(mode=0o750)
+    before = manifest(tmp_path)
+    spy = StagingSpy(monkeypatch)
+    with pytest.raises(PermanentProviderError, match="snapshot evil refused: member '"):
+        store.restore(url, target)
+    [(staging, held)] = spy.removed
+    assert staging.parent == parent and held >= 300  # it was well under way
+    assert manifest(tmp_path) == before
+    assert sorted(p.name for p in parent.iterdir()) == (["target"] if existing else [])
+    assert (outside / "sentinel.txt").read_text() == "original\n"
+    assert not (tmp_path / "escape").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["missing-target", "empty-target"])
+@pytest.mark.parametrize("flip", [1, 4, 9])
+def test_corruption_in_the_last_bytes_leaves_the_target_untouched(
+    store: FileSnapshotStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    flip: int,
+    existing: bool,
+) -> None:
+    """The damage is only found when the stream ends (the zstd frame's checksum), once
+    every file is written: the staging directory goes, the target stays as found."""
+    src = tmp_path / "src"
+    for i in range(200):
+        (src / f"d{i % 5}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 5}" / f"f{i}.bin").write_bytes(os.urandom(600))  # incompressible
+    os.symlink("d0/f0.bin", src / "link")
+    info = store.save("k", src)
+    blob = bytearray(store.path_for("k").read_bytes())
+    blob[-flip] ^= 0x55
+    store.path_for("k").write_bytes(bytes(blob))
+    parent = tmp_path / "sandboxes"
+    parent.mkdir()
+    target = parent / "target"
+    if existing:
+        target.mkdir(mode=0o750)
+    spy = StagingSpy(monkeypatch)
+    with pytest.raises(PermanentProviderError, match="snapshot k is corrupt: "):
+        store.restore(info.url, target)
+    [(staging, held)] = spy.removed
+    assert staging.parent == parent and held >= 100  # all but the last zstd block's files
+    if existing:
+        assert [p.name for p in parent.iterdir()] == ["target"]
+        assert list(target.iterdir()) == []
+        assert stat.S_IMODE(target.stat().st_mode) == 0o750
+    else:
+        assert list(parent.iterdir()) == []
+
+
+def test_without_a_root_member_the_target_keeps_its_mode(
+    store: FileSnapshotStore, tmp_path: Path
+) -> None:
+    """As when extracting in place: an existing target keeps its mode, a missing one
+    gets the mode mkdir gives (the umask's)."""
+    url = _write_archive(store, "noroot", [_member("a.txt", data=b"a")])
+    existing = tmp_path / "existing"
+    existing.mkdir(mode=0o750)
+    store.restore(url, existing)
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o750
+    assert (existing / "a.txt").read_bytes() == b"a"
+    fresh = tmp_path / "fresh"
+    store.restore(url, fresh)
+    (tmp_path / "plain").mkdir()
+    assert fresh.stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+def test_a_target_filled_during_the_restore_is_not_replaced(
+    store: FileSnapshotStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename replaces only an empty directory: a target that something else
+    filled meanwhile keeps its contents, and the restore fails."""
+    url = _write_archive(store, "k", [_member("a.txt", data=b"a")])
+    target = tmp_path / "target"
+    target.mkdir()
+    real = snapshot_extract._move_into_place
+
+    def meanwhile(key: str, staging: Path, dest: Path) -> None:
+        (dest / "theirs.txt").write_text("theirs")
+        real(key, staging, dest)
+
+    monkeypatch.setattr(snapshot_extract, "_move_into_place", meanwhile)
+    with pytest.raises(PermanentProviderError, match="target directory is not empty"):
+        store.restore(url, target)
+    assert [p.name for p in tmp_path.iterdir() if p.name != "snapshots"] == ["target"]
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"]
+
+
+def test_the_staging_directory_is_named_after_the_target(
+    store: FileSnapshotStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hidden, beside the target, and starting with a dotted target's own name (so the
+    sandbox provider's sweep of ``.tmp+<name>+*`` finds a killed restore's leftovers)."""
+    url = _write_archive(store, "k", [_member("a.txt", data=b"a"), _member("../x")])
+    spy = StagingSpy(monkeypatch)
+    for name in ("plain", ".tmp+s1+abc"):
+        with pytest.raises(PermanentProviderError):
+            store.restore(url, tmp_path / name)
+    names = [path.name for path, _ in spy.removed]
+    assert names[0].startswith(".plain.restore+")
+    assert names[1].startswith(".tmp+s1+abc.restore+")
+    assert all(path.parent == tmp_path for path, _ in spy.removed)
 
 
 def test_internal_symlinks_and_loops_are_accepted(store: FileSnapshotStore, tmp_path: Path) -> None:

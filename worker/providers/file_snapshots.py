@@ -3,9 +3,11 @@
 Saving writes the archive stream of :class:`~worker.providers.snapshot_archive.ArchiveWriter`
 (``tar | zstd``, links stored as links and never followed, FIFOs and devices left out)
 into a temporary file that is fsynced and atomically renamed to ``<root>/<key>.tar.zst``.
-Restoring is :mod:`worker.providers.snapshot_extract`: a validation pass over every
-member header before anything is written, then the extraction (links last, never
-written through; on any failure the target directory is left as it was found).
+Restoring is :func:`worker.providers.snapshot_extract.restore`: one pass over the file
+into a staging directory beside the target, every member checked as it arrives, links
+made last and never written through, the staging directory renamed into place only
+once the whole archive passed (on any failure it is removed: the target is left as it
+was found).
 """
 
 from __future__ import annotations
@@ -141,15 +143,13 @@ class FileSnapshotStore:
         target = Path(target_dir)
         snapshot_extract.check_target(key, target)
         try:
-            fh = open(path, "rb")  # noqa: SIM115 -- closed below, used by both passes
+            fh = open(path, "rb")  # noqa: SIM115 -- closed below
         except FileNotFoundError:
             raise PermanentProviderError(f"snapshot {key} not found") from None
         except OSError as exc:
             raise PermanentProviderError(f"snapshot {key} cannot be read: {exc.strerror}") from None
         with fh:
-            plan = snapshot_extract.scan(key, fh)
-            fh.seek(0)
-            snapshot_extract.extract(key, fh, plan, target)
+            snapshot_extract.restore(key, fh, target)
 
     def delete(self, url: str) -> None:
         path = self.path_for(self.key_for(url))

@@ -14,12 +14,17 @@ any failure the multipart upload is aborted. The object key is
 ``<prefix>/<key>.tar.zst`` and the key holds the run id, so a retried save writes the
 same object again: one snapshot per run, whatever the retries.
 
-**Restoring** is :mod:`worker.providers.snapshot_extract` over the download stream,
-twice (the validation pass, then the extraction, the second download pinned to the
-same object by its ETag). The first pass also checks the SHA-256 and size against the
-record *before anything is written*: a truncated, damaged or replaced object is refused
-with a clear error and the target is left untouched. The second pass checks them again
-before any link is made, and undoes the extraction if they differ.
+**Restoring** is one download, streamed through
+:func:`worker.providers.snapshot_extract.restore`: SHA-256 and size computed as the
+bytes arrive → zstd → tar, every member checked as it arrives and written into a
+staging directory beside the target. The ``.sha256`` record is fetched at the same time
+as the object (one round trip before the first byte) and an object whose length differs
+from the record is refused before its first byte is read. Only when the stream has
+ended, its SHA-256 and size match the record and every member passed are the links made
+and the staging directory renamed into place: a truncated, damaged or replaced object
+(even in its last bytes) or a hostile member (even after many good ones) fails the
+restore with a clear error and the target is left untouched, the staging directory
+removed.
 
 Credentials, region and endpoint come from boto3's standard chain (``AWS_*`` variables,
 profiles, instance roles); ``LIFECYCLE_S3_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL``)
@@ -178,16 +183,21 @@ class _VerifiedBody:
             self._pos = len(self._buf)
             self.read(_READ_CHUNK)
         if self._size != self._expected_size:
-            return (
-                f"it is {self._size} bytes where {self._expected_size} were saved "
-                "(truncated or replaced)"
-            )
+            return _size_problem(self._size, self._expected_size)
         if not hmac.compare_digest(self._sha.hexdigest(), self._expected_sha):
             return (
                 "its SHA-256 does not match the one recorded when it was saved "
                 "(the stored object is damaged or was replaced)"
             )
         return None
+
+    def damage(self) -> str | None:
+        """:meth:`mismatch` after a failed restore: None also when the rest of the
+        stream cannot be read (the failure that stopped the restore is the news)."""
+        try:
+            return self.mismatch()
+        except Exception:
+            return None
 
     def verify(self) -> None:
         problem = self.mismatch()
@@ -339,23 +349,17 @@ class S3SnapshotStore:
         obj = self.object_key(key)
         target = Path(target_dir)
         snapshot_extract.check_target(key, target)
-        sha, size = self._recorded(key, obj)
-        # Pass 1: every header checked, and the whole object against its record, before
-        # anything is written.
-        body, etag = self._open(key, obj, sha, size)
+        body = self._open(key, obj)
         try:
-            plan = self._scan(key, body)
-        except ProviderError:
+            snapshot_extract.restore(key, body, target, verify=body.verify)
+        except PermanentProviderError:
+            problem = body.damage()  # a damaged object: say that, not what it broke
+            if problem is not None:
+                raise PermanentProviderError(
+                    f"snapshot {key} is corrupt: {problem}; nothing was restored"
+                ) from None
             raise
-        except Exception as exc:  # the download failed half-way
-            raise _provider_error(f"cannot read snapshot {key}", exc) from None
-        finally:
-            body.close()
-        # Pass 2: the same object (its ETag), checked again before any link is made.
-        body, _ = self._open(key, obj, sha, size, if_match=etag)
-        try:
-            snapshot_extract.extract(key, body, plan, target, before_links=body.verify)
-        except (OSError, ProviderError):
+        except ProviderError:
             raise
         except Exception as exc:  # the download failed half-way
             raise _provider_error(f"cannot restore snapshot {key}", exc) from None
@@ -386,21 +390,6 @@ class S3SnapshotStore:
         return total
 
     # -- internals -----------------------------------------------------------------
-
-    @staticmethod
-    def _scan(key: str, body: _VerifiedBody) -> list[snapshot_extract.Entry]:
-        """The validation pass, then the whole object against its record."""
-        try:
-            plan = snapshot_extract.scan(key, body)
-        except PermanentProviderError as exc:
-            problem = body.mismatch()  # a damaged object: say that, not what it broke
-            if problem is not None:
-                raise PermanentProviderError(
-                    f"snapshot {key} is corrupt: {problem}; nothing was restored"
-                ) from None
-            raise exc from None
-        body.verify()
-        return plan
 
     def _object_args(self, obj: str) -> dict[str, Any]:
         return {
@@ -506,24 +495,39 @@ class S3SnapshotStore:
             "or foreign upload); nothing was restored"
         )
 
-    def _open(
-        self, key: str, obj: str, sha: str, size: int, *, if_match: str | None = None
-    ) -> tuple[_VerifiedBody, str]:
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": obj}
-        if if_match:
-            args["IfMatch"] = if_match
-        try:
-            response = self._client.get_object(**args)
-        except Exception as exc:
-            code, status = _error_code(exc), _status(exc)
-            if code == "NoSuchKey" or status == 404:
+    def _open(self, key: str, obj: str) -> _VerifiedBody:
+        """The object's download stream, checked against the record of its SHA-256 and
+        size. Both are asked for at once (the record in a thread): one round trip
+        before the first byte, not two. The record's failure is reported first (it
+        tells a missing snapshot from one without a record); a size that differs from
+        the record is refused before anything is downloaded."""
+        with ThreadPoolExecutor(1, thread_name_prefix="s3-record") as pool:
+            recorded = pool.submit(self._recorded, key, obj)
+            response: Any = None
+            failure: Exception | None = None
+            try:
+                response = self._client.get_object(Bucket=self.bucket, Key=obj)
+            except Exception as exc:
+                failure = exc
+            try:
+                sha, size = recorded.result()
+            except BaseException:
+                if response is not None:
+                    with contextlib.suppress(Exception):
+                        response["Body"].close()
+                raise
+        if failure is not None:
+            if _error_code(failure) == "NoSuchKey" or _status(failure) == 404:
                 raise PermanentProviderError(f"snapshot {key} not found") from None
-            if code == "PreconditionFailed" or status == 412:
-                raise TransientProviderError(
-                    f"snapshot {key} was replaced while being restored"
-                ) from None
-            raise _provider_error(f"cannot read snapshot {key}", exc) from None
-        return _VerifiedBody(response["Body"], key, sha, size), str(response.get("ETag", ""))
+            raise _provider_error(f"cannot read snapshot {key}", failure) from None
+        body = _VerifiedBody(response["Body"], key, sha, size)
+        length = response.get("ContentLength")
+        if isinstance(length, int) and length != size:
+            body.close()
+            raise PermanentProviderError(
+                f"snapshot {key} is corrupt: {_size_problem(length, size)}; nothing was restored"
+            )
+        return body
 
     def _abort_stale_uploads(self, obj: str) -> None:
         """Multipart uploads of this object left by a worker killed long ago (a bucket
@@ -537,6 +541,10 @@ class S3SnapshotStore:
                     self._client.abort_multipart_upload(
                         Bucket=self.bucket, Key=obj, UploadId=up["UploadId"]
                     )
+
+
+def _size_problem(size: int, expected: int) -> str:
+    return f"it is {size} bytes where {expected} were saved (truncated or replaced)"
 
 
 def _read_full(pipe: IO[bytes], size: int) -> bytes:

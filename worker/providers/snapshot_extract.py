@@ -1,10 +1,10 @@
 """Restoring a snapshot archive safely: never trusting it, never writing through a link.
 
-Shared by every snapshot store: a store hands over the compressed stream (twice: one
-pass to validate, one to extract) and these functions do the rest.
-
-A first pass (:func:`scan`) decompresses and reads every member header *before anything
-is written*, and refuses the archive unless every member:
+Shared by every snapshot store: a store hands over the compressed stream once, and
+:func:`restore` does the rest in a single pass (download or file → zstd → streaming
+tar), into a fresh **staging directory** beside the target (same filesystem), checking
+each member as it arrives, against every member before it. The archive is refused
+unless every member:
 
 * has a non-empty relative name without ``..`` components (``.`` only as a directory:
   the sandbox directory itself);
@@ -18,17 +18,24 @@ is written*, and refuses the archive unless every member:
 * if a hard link: points, by a relative path that passes through no symbolic link, at
   an earlier file, hard link or symbolic link member of the archive.
 
-The zstd frames must be complete with valid checksums and nothing but tar padding may
-follow the end of the archive; otherwise the archive is reported corrupt. A second pass
-(:func:`extract`) then extracts into the (empty or new) target directory: directories
-component by component (an existing non-directory on the way is refused, never
-followed), regular files with ``O_EXCL | O_NOFOLLOW``, hard links to files; then, after
-every regular file and directory, the symbolic links (and hard links to them); directory
-permissions and times last, through ``O_NOFOLLOW`` descriptors. Since no symbolic link
-exists until everything else is written, and no member passes through one, extraction
-never writes through a link. Permissions are restored without setuid/setgid/sticky bits
-and ownership is never changed. On any failure the target directory is left as it was
-found.
+Members that pass are written at once: directories component by component (an
+existing non-directory on the way is refused, never followed), regular files with
+``O_EXCL | O_NOFOLLOW``, hard links to files. Symbolic links (and hard links to them)
+are only recorded. The zstd frames must be complete with valid checksums and nothing
+but tar padding may follow the end of the archive; otherwise the archive is reported
+corrupt. Once the stream has ended and the store's own check passed (the S3 store's
+SHA-256 and size), the symbolic links are made, then directory permissions and times,
+through ``O_NOFOLLOW`` descriptors. Since no symbolic link exists until everything else
+is written, and no member passes through one, extraction never writes through a link.
+Permissions are restored without setuid/setgid/sticky bits and ownership is never
+changed.
+
+Only then is the staging directory renamed onto the target (which must be missing or
+an empty directory: the rename creates it, or replaces the empty directory
+atomically). On any failure (a refused member, however late in the archive; a
+truncated or damaged stream, even in its last bytes; a full disk) the staging
+directory is removed and the target is left exactly as it was found: nothing is
+extracted.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import shutil
 import stat
 import tarfile
@@ -49,7 +57,7 @@ import zstandard
 from worker.providers.base import PermanentProviderError
 from worker.providers.snapshot_archive import COPY_CHUNK, os_error, show
 
-__all__ = ["Entry", "Readable", "check_target", "extract", "scan"]
+__all__ = ["Entry", "Readable", "check_target", "restore"]
 
 
 class Readable(Protocol):
@@ -191,49 +199,42 @@ def check_target(key: str, target: Path) -> None:
         )
 
 
-def scan(key: str, fh: Readable) -> list[Entry]:
-    """Validation pass: read every header, refuse anything unsafe, write nothing."""
-    reader = _ZstdReader(fh)
-    entries: list[Entry] = []
-    kinds: dict[str, str] = {}
-    try:
-        with tarfile.open(fileobj=reader, mode="r|") as tf:
-            for member in tf:
-                entries.append(_check_member(key, member, kinds))
-            end = tf.offset
-        reader.drain()
-    except _CorruptArchive as exc:
-        raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
-    except (tarfile.TarError, EOFError, OSError, ValueError, zstandard.ZstdError) as exc:
-        raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
-    if reader.last_nonzero_end > end:
-        raise PermanentProviderError(
-            f"snapshot {key} is corrupt: unreadable data after member {len(entries)}"
-        )
-    if not entries:
-        raise PermanentProviderError(f"snapshot {key} is corrupt: it holds no files")
-    return entries
-
-
-def extract(
+def restore(
     key: str,
     fh: Readable,
-    plan: list[Entry],
     target: Path,
     *,
-    before_links: Callable[[], None] | None = None,
+    verify: Callable[[], None] | None = None,
 ) -> None:
-    """Extract the archive ``fh`` that :func:`scan` turned into ``plan`` into ``target``
-    (empty or missing). ``before_links`` runs once every file and directory is written
-    and before any link is made (a store's last check of the stream); on any failure
-    ``target`` is put back as it was."""
-    created = not target.exists()
-    mode = None if created else stat.S_IMODE(target.stat().st_mode)
+    """Extract the archive ``fh`` into ``target`` (missing or an empty directory, see
+    :func:`check_target`) in one pass, through a staging directory beside it.
+
+    ``verify`` runs once the stream has ended, every member passed and every file and
+    directory is written, before any link is made (a store's check of the whole
+    stream, e.g. its SHA-256). Only then is the staging directory renamed onto
+    ``target``; on any failure it is removed and ``target`` is left as it was found."""
+    parent = target.parent
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        _extract(key, fh, plan, target, before_links)
+        parent.mkdir(parents=True, exist_ok=True)
+        staging, fresh_mode = _make_staging(parent, target.name)
+    except OSError as exc:
+        raise os_error(f"cannot restore snapshot {key}", exc) from None
+    try:
+        has_root = _extract(key, fh, staging, verify)
+        if not has_root:
+            # No ``.`` member: the directory keeps the mode it has (an existing target)
+            # or would have been made with (a missing one), as if extracted in place.
+            try:
+                found = os.lstat(target).st_mode
+            except FileNotFoundError:
+                found = fresh_mode
+            os.chmod(staging, stat.S_IMODE(found if stat.S_ISDIR(found) else fresh_mode))
+        _move_into_place(key, staging, target)
+    except OSError as exc:
+        _remove_tree(staging)
+        raise os_error(f"cannot restore snapshot {key}", exc) from None
     except BaseException:
-        _undo(target, mode)
+        _remove_tree(staging)
         raise
 
 
@@ -331,47 +332,56 @@ def _check_member(  # noqa: C901 -- the docstring's rules, one branch each, in o
     )
 
 
-def _extract(  # noqa: C901 -- one branch per member type the scan accepted
+def _extract(  # noqa: C901 -- one branch per way the stream can fail
     key: str,
     fh: Readable,
-    plan: list[Entry],
-    target: Path,
-    before_links: Callable[[], None] | None,
-) -> None:
-    """Extraction pass over the members the scan accepted, in the same order; the
-    links after everything else, directory permissions and times last."""
-    root = str(target)
+    staging: Path,
+    verify: Callable[[], None] | None,
+) -> bool:
+    """The single pass into ``staging``: each member checked as it arrives (by the
+    rules of :func:`_check_member`, against every member before it), files and
+    directories written at once, links kept for the end; then the end of the stream
+    checked, ``verify``, the links, directory permissions and times last. Returns
+    whether the archive had a member for the directory itself."""
+    root = str(staging)
+    reader = _ZstdReader(fh)
+    kinds: dict[str, str] = {}
+    links: list[Entry] = []
     dirs: list[tuple[str, Entry]] = []
     made: set[str] = {root}  # directories known to exist (saves a mkdir per file)
-    index = 0
+    count = 0
     try:
-        with tarfile.open(fileobj=_ZstdReader(fh), mode="r|") as tf:
+        with tarfile.open(fileobj=reader, mode="r|") as tf:
             for member in tf:
-                if index >= len(plan) or member.name != plan[index].raw_name:
-                    raise _CorruptArchive("it changed while being restored")
-                entry = plan[index]
-                index += 1
+                entry = _check_member(key, member, kinds)
+                count += 1
                 if entry.is_link:
-                    continue
-                _restore_member(key, entry, root, made, dirs, tf, member)
+                    links.append(entry)  # made last: nothing is ever written through one
+                else:
+                    _restore_member(key, entry, root, made, dirs, tf, member)
+            end = tf.offset
+        reader.drain()
     except _CorruptArchive as exc:
         raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
-    except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
+    except (tarfile.TarError, EOFError, OSError, ValueError, zstandard.ZstdError) as exc:
+        # Writes report their own OSErrors (_restore_member): these come from reading.
         raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
-    except OSError as exc:
-        raise os_error(f"cannot restore snapshot {key}", exc) from None
-    if index != len(plan):
-        raise PermanentProviderError(f"snapshot {key} is corrupt: it changed while being restored")
-    if before_links is not None:
-        before_links()
+    if reader.last_nonzero_end > end:
+        raise PermanentProviderError(
+            f"snapshot {key} is corrupt: unreadable data after member {count}"
+        )
+    if not count:
+        raise PermanentProviderError(f"snapshot {key} is corrupt: it holds no files")
+    if verify is not None:
+        verify()
 
     # Every regular file and directory exists: now the links, symbolic ones first
     # (a hard link to a symbolic link needs it). Nothing is written after them but
     # directory modes and times, through descriptors that refuse a link.
-    for entry in plan:
+    for entry in links:
         if entry.kind == "symlink":
             _restore_member(key, entry, root, made, dirs)
-    for entry in plan:
+    for entry in links:
         if entry.kind == "symhardlink":
             _restore_member(key, entry, root, made, dirs)
 
@@ -391,6 +401,7 @@ def _extract(  # noqa: C901 -- one branch per member type the scan accepted
                 os.close(fd)
         except OSError as exc:
             raise os_error(f"cannot restore snapshot {key}", exc) from None
+    return any(not entry.name for _, entry in dirs)
 
 
 def _restore_member(
@@ -470,26 +481,58 @@ def _extract_one(
         os.link(os.path.join(root, entry.link), path, follow_symlinks=False)
 
 
-def _undo(target: Path, mode: int | None) -> None:
-    """Put ``target`` back as it was before a failed restore: missing (``mode`` is
-    None) or empty with permissions ``mode``."""
-    if not target.exists():
+def _make_staging(parent: Path, name: str) -> tuple[Path, int]:
+    """A new, private directory in ``parent`` (so on the target's filesystem) named
+    after the target: ``.<name>.restore+<random>`` (a target whose name starts with a
+    dot keeps it, so the sweeps of its temporary names find a killed restore's
+    leftovers too). Returns it with the mode a plain ``mkdir`` gave it (the umask's)."""
+    stem = name if name.startswith(".") else f".{name}"
+    for _ in range(100):
+        path = parent / f"{stem[:200]}.restore+{secrets.token_hex(6)}"
+        try:
+            os.mkdir(path, 0o777)
+        except FileExistsError:
+            continue
+        try:
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            os.chmod(path, 0o700)
+        except BaseException:
+            os.rmdir(path)
+            raise
+        return path, mode
+    raise FileExistsError(errno.EEXIST, "no free staging directory name", str(parent))
+
+
+def _move_into_place(key: str, staging: Path, target: Path) -> None:
+    """Rename the finished ``staging`` onto ``target``: it creates a missing target and
+    atomically replaces an empty directory. Whatever appeared at the target since
+    :func:`check_target` (a file, a link, a non-empty directory) makes it fail: the
+    rename replaces no such thing and follows no link."""
+    try:
+        os.rename(staging, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise PermanentProviderError(
+                f"cannot restore snapshot {key}: target directory is not empty"
+            ) from None
+        if exc.errno in (errno.ENOTDIR, errno.EISDIR):
+            raise PermanentProviderError(
+                f"cannot restore snapshot {key}: target is not a directory"
+            ) from None
+        raise
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a staging directory, read-only directories (a restore sets their modes
+    last) included. Nothing in it is followed: links are removed as links."""
+    if not path.is_dir() or path.is_symlink():
         return
     with contextlib.suppress(OSError):
-        os.chmod(target, 0o700)
-    for dirpath, dirnames, _files in os.walk(target):
+        os.chmod(path, 0o700)
+    for dirpath, dirnames, _files in os.walk(path):
         for dirname in dirnames:
             with contextlib.suppress(OSError):
                 child = os.path.join(dirpath, dirname)
                 if not os.path.islink(child):
                     os.chmod(child, 0o700)
-    if mode is None:
-        shutil.rmtree(target, ignore_errors=True)
-        return
-    for entry in target.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        os.chmod(target, mode)
+    shutil.rmtree(path, ignore_errors=True)
