@@ -16,18 +16,18 @@ from typing import Any
 import pytest
 
 from tests.support.s3 import MotoS3
-from tests.unit.test_file_snapshots import (
+from tests.support.snapshots import (
     LATE_HOSTILE,
     MALICIOUS,
     StagingSpy,
-    _assert_nothing_written,
-    _corruptions,
-    _zstd,
+    assert_nothing_written,
+    corruptions,
     git,
     make_workdir,
     make_writable,
     manifest,
     many_good_members,
+    zstd_bytes,
 )
 from worker.config import Settings
 from worker.providers.base import (
@@ -142,7 +142,7 @@ def test_a_damaged_object_is_refused_and_nothing_is_extracted(
     (src / "a.txt").write_bytes(os.urandom(20000))
     (src / "b.txt").write_text("b" * 5000)
     info = store.save("good", src)
-    damaged = _corruptions(_object_bytes(store, "good"))[case]
+    damaged = corruptions(_object_bytes(store, "good"))[case]
     # The object is overwritten behind the store's back; its checksum record stays.
     store.client.put_object(Bucket=store.bucket, Key=store.object_key("good"), Body=damaged)
     target = tmp_path / "target"
@@ -178,7 +178,7 @@ def test_a_damaged_object_leaves_an_existing_empty_target_as_it_was(
 def test_an_object_without_a_checksum_record_is_refused(
     store: S3SnapshotStore, tmp_path: Path
 ) -> None:
-    url = _put(store, "bare", _zstd(b"\0" * 1024))
+    url = _put(store, "bare", zstd_bytes(b"\0" * 1024))
     store.client.delete_object(Bucket=store.bucket, Key=store.object_key("bare") + ".sha256")
     with pytest.raises(PermanentProviderError, match="no SHA-256 was recorded"):
         store.restore(url, tmp_path / "t")
@@ -198,13 +198,13 @@ def test_hostile_archive_is_refused(
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
         for info, data in MALICIOUS[case](str(outside)):
             tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    url = _put(store, "evil", _zstd(buf.getvalue()))
+    url = _put(store, "evil", zstd_bytes(buf.getvalue()))
     parent = tmp_path / "sandboxes"
     parent.mkdir()
     before = manifest(tmp_path)
     with pytest.raises(PermanentProviderError, match="snapshot evil refused: member '"):
         store.restore(url, parent / "target")
-    _assert_nothing_written(tmp_path, parent, outside, before)
+    assert_nothing_written(tmp_path, parent, outside, before)
 
 
 def _many_files(root: Path, count: int = 200) -> Path:
@@ -290,7 +290,7 @@ def test_a_hostile_member_late_in_the_archive_leaves_nothing_behind(
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
         for info, data in many_good_members() + LATE_HOSTILE[case](str(outside)):
             tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    url = _put(store, "evil", _zstd(buf.getvalue()))
+    url = _put(store, "evil", zstd_bytes(buf.getvalue()))
     parent = tmp_path / "sandboxes"
     parent.mkdir()
     before = manifest(tmp_path)
@@ -299,7 +299,7 @@ def test_a_hostile_member_late_in_the_archive_leaves_nothing_behind(
         store.restore(url, parent / "target")
     [(staging, held)] = spy.removed
     assert staging.parent == parent and held >= 300
-    _assert_nothing_written(tmp_path, parent, outside, before)
+    assert_nothing_written(tmp_path, parent, outside, before)
 
 
 @pytest.fixture

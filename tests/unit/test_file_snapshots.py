@@ -2,112 +2,39 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
 import socket
 import stat
-import subprocess
 import tarfile
-from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
 
 import pytest
 import zstandard
 
+from tests.support.snapshots import (
+    LATE_HOSTILE,
+    MALICIOUS,
+    Members,
+    StagingSpy,
+    assert_nothing_written,
+    corruptions,
+    git,
+    make_workdir,
+    make_writable,
+    manifest,
+    many_good_members,
+    member,
+    tar_bytes,
+    zstd_bytes,
+)
 from worker.providers import snapshot_extract
 from worker.providers.base import PermanentProviderError, SnapshotStore
 from worker.providers.file_snapshots import FileSnapshotStore
 from worker.providers.local_sandbox import LocalSandboxProvider
 from worker.providers.snapshot_archive import DropSpecialMembers
-
-GIT_ENV = {
-    **os.environ,
-    "GIT_AUTHOR_NAME": "t",
-    "GIT_AUTHOR_EMAIL": "t@t",
-    "GIT_COMMITTER_NAME": "t",
-    "GIT_COMMITTER_EMAIL": "t@t",
-}
-
-Manifest = dict[str, tuple[object, ...]]
-
-
-def git(*args: str, cwd: Path) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=cwd, env=GIT_ENV, check=True, capture_output=True, text=True
-    ).stdout
-
-
-def manifest(root: Path) -> Manifest:
-    """path -> (kind, mode, sha256 | link target) for everything below ``root``."""
-    out: Manifest = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            st = path.lstat()
-            mode = stat.S_IMODE(st.st_mode)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", mode)
-            elif stat.S_ISREG(st.st_mode):
-                out[rel] = ("file", mode, hashlib.sha256(path.read_bytes()).hexdigest())
-            elif stat.S_ISFIFO(st.st_mode):
-                out[rel] = ("fifo", mode)
-            else:
-                out[rel] = ("other",)
-    return out
-
-
-def make_workdir(root: Path) -> Path:
-    """A git working tree in every state a sandbox can be in."""
-    work = root / "work"
-    work.mkdir()
-    git("init", "-q", "-b", "main", cwd=work)
-    (work / "tracked.txt").write_text("one\ntwo\n")
-    (work / "gone.txt").write_text("to be deleted\n")
-    (work / "src").mkdir()
-    (work / "src" / "app.py").write_text("print('hi')\n")
-    git("add", "-A", cwd=work)
-    git("commit", "-qm", "initial", cwd=work)
-    git("checkout", "-qb", "session/x", cwd=work)
-    (work / "tracked.txt").write_text("one\nTWO\nthree\n")  # modified, uncommitted
-    (work / "gone.txt").unlink()  # deleted, uncommitted
-    (work / "untracked.md").write_text("# notes\n")  # untracked
-    (work / "blob.bin").write_bytes(bytes(range(256)) * 64 + os.urandom(4096))  # binary
-    (work / "run.sh").write_text("#!/bin/sh\necho ok\n")
-    (work / "run.sh").chmod(0o755)  # exec bit
-    (work / "readonly.txt").write_text("ro\n")
-    (work / "readonly.txt").chmod(0o444)
-    (work / "empty-dir").mkdir()
-    (work / "private").mkdir(mode=0o700)
-    (work / "private" / "k").write_text("k")
-    (work / "link-to-file").symlink_to("src/app.py")  # symlinks inside the tree
-    (work / "src" / "link-up").symlink_to("../tracked.txt")
-    (work / "link-to-dir").symlink_to("src")
-    (work / "dangling").symlink_to("not-there-yet")
-    deep = work / ("d" * 60) / ("e" * 60)
-    deep.mkdir(parents=True)
-    (deep / ("f" * 90 + ".txt")).write_text("long path\n")  # > 100 chars: GNU long names
-    (work / "spaces and ünïcödé.txt").write_text("ok\n")
-    os.link(work / "src" / "app.py", work / "hardlinked.py")
-    os.mkfifo(work / "pipe")
-    (work / "ro-dir").mkdir()
-    (work / "ro-dir" / "inside.txt").write_text("x\n")
-    (work / "ro-dir").chmod(0o555)
-    return work
-
-
-def make_writable(path: Path) -> None:
-    for dirpath, dirnames, _ in os.walk(path):
-        for name in dirnames:
-            p = Path(dirpath) / name
-            if not p.is_symlink():
-                p.chmod(0o755)
-
 
 STORE_VARIANTS = ["zstd-binary", "zstd-library", "python-tarfile"]
 
@@ -255,20 +182,6 @@ def test_missing_source_dir_is_permanent(store: FileSnapshotStore, tmp_path: Pat
 # ------------------------------------------------------------------ corrupt archives
 
 
-def _tar_bytes(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _zstd(data: bytes) -> bytes:
-    return zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data)
-
-
 def _good_archive(tmp_path: Path, store: FileSnapshotStore) -> bytes:
     src = tmp_path / "good-src"
     src.mkdir()
@@ -276,23 +189,6 @@ def _good_archive(tmp_path: Path, store: FileSnapshotStore) -> bytes:
     (src / "b.txt").write_text("b" * 5000)
     info = store.save("good", src)
     return store.path_for("good").read_bytes() if info.url else b""
-
-
-def _corruptions(good: bytes) -> dict[str, bytes]:
-    flipped = bytearray(good)
-    flipped[len(good) // 2] ^= 0xFF
-    tar = _tar_bytes({"a.txt": b"hello"})
-    return {
-        "empty": b"",
-        "random": os.urandom(4096),
-        "half": good[: len(good) // 2],
-        "missing-checksum": good[:-3],
-        "flipped-byte": bytes(flipped),
-        "zstd-of-garbage": _zstd(b"\x01garbage" * 1000),
-        "trailing-junk": good + b"not zstd at all",
-        "junk-after-tar-end": _zstd(tar + b"\x07" * 1024),
-        "plain-tar": tar,
-    }
 
 
 @pytest.mark.parametrize(
@@ -310,7 +206,7 @@ def _corruptions(good: bytes) -> dict[str, bytes]:
     ],
 )
 def test_corrupt_archive_is_permanent(store: FileSnapshotStore, tmp_path: Path, case: str) -> None:
-    blob = _corruptions(_good_archive(tmp_path, store))[case]
+    blob = corruptions(_good_archive(tmp_path, store))[case]
     store.path_for("bad").write_bytes(blob)
     target = tmp_path / "target"
     with pytest.raises(PermanentProviderError, match="snapshot bad is corrupt"):
@@ -322,7 +218,7 @@ def test_failed_restore_leaves_existing_empty_target_empty(
     store: FileSnapshotStore, tmp_path: Path
 ) -> None:
     store.root.mkdir(parents=True)
-    store.path_for("bad").write_bytes(_zstd(_tar_bytes({"a": b"1"}) + b"\x07" * 2048))
+    store.path_for("bad").write_bytes(zstd_bytes(tar_bytes({"a": b"1"}) + b"\x07" * 2048))
     target = tmp_path / "target"
     target.mkdir(mode=0o750)
     with pytest.raises(PermanentProviderError):
@@ -334,17 +230,6 @@ def test_failed_restore_leaves_existing_empty_target_empty(
 
 # ---------------------------------------------------------------- malicious archives
 
-Members = list[tuple[tarfile.TarInfo, bytes]]
-
-
-def _member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"pwned", link: str = "") -> tuple[tarfile.TarInfo, bytes]:  # fmt: skip
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = link
-    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
-    info.size = len(data) if kind == tarfile.REGTYPE else 0
-    return info, data
-
 
 def _write_archive(store: FileSnapshotStore, key: str, members: Members, fmt: int = tarfile.GNU_FORMAT) -> str:  # fmt: skip
     buf = io.BytesIO()
@@ -352,136 +237,8 @@ def _write_archive(store: FileSnapshotStore, key: str, members: Members, fmt: in
         for info, data in members:
             tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
     store.root.mkdir(parents=True, exist_ok=True)
-    store.path_for(key).write_bytes(_zstd(buf.getvalue()))
+    store.path_for(key).write_bytes(zstd_bytes(buf.getvalue()))
     return store.url_for(key)
-
-
-SAFE_FIRST = _member("ok.txt", data=b"fine")
-LONG = "x" * 150  # a GNU long-name ('L') header before the member
-
-# Each case gets OUT, an absolute directory outside the target holding sentinel.txt.
-MALICIOUS: dict[str, Callable[[str], Members]] = {
-    # Names that leave the target, or are not names.
-    "dotdot": lambda out: [SAFE_FIRST, _member("../escape")],
-    "dotdot-nested": lambda out: [SAFE_FIRST, _member("sub/../../escape")],
-    "dotdot-long": lambda out: [SAFE_FIRST, _member(f"../{LONG}")],
-    "absolute": lambda out: [SAFE_FIRST, _member("/tmp/abs-escape")],
-    "absolute-outside": lambda out: [SAFE_FIRST, _member(f"{out}/sentinel.txt")],
-    "empty-name": lambda out: [SAFE_FIRST, _member("")],
-    "dot-as-file": lambda out: [_member(".")],
-    "dot-slash-as-file": lambda out: [SAFE_FIRST, _member("./")],
-    "dot-as-symlink": lambda out: [_member(".", tarfile.SYMTYPE, link=out)],
-    "root-replaced": lambda out: [_member(".", tarfile.SYMTYPE, link="/tmp")],
-    "dot-as-hardlink": lambda out: [SAFE_FIRST, _member(".", tarfile.LNKTYPE, link="ok.txt")],
-    # Writes through a symbolic link: the link would only exist at the end, but a
-    # member below it is refused whatever the order.
-    "link-then-write-through": lambda out: [
-        _member("a", tarfile.SYMTYPE, link="/etc"),
-        _member("a/passwd"),
-    ],
-    "link-then-write-through-outside": lambda out: [
-        _member("a", tarfile.SYMTYPE, link=out),
-        _member("a/sentinel.txt"),
-    ],
-    "write-then-link": lambda out: [
-        _member("a/sentinel.txt"),
-        _member("a", tarfile.SYMTYPE, link=out),
-    ],
-    "dir-then-link": lambda out: [
-        _member("a", tarfile.DIRTYPE),
-        _member("a", tarfile.SYMTYPE, link=out),
-    ],
-    "link-then-dir": lambda out: [
-        _member("a", tarfile.SYMTYPE, link=out),
-        _member("a", tarfile.DIRTYPE),
-    ],
-    "link-then-write-through-dotted": lambda out: [
-        _member("a", tarfile.SYMTYPE, link=out),
-        _member("./a/./sentinel.txt"),
-    ],
-    "link-then-write-through-long-name": lambda out: [
-        _member("a", tarfile.SYMTYPE, link=out),
-        _member(f"a/{LONG}"),
-    ],
-    "link-then-dir-through": lambda out: [
-        _member("a", tarfile.SYMTYPE, link=out),
-        _member("a/newdir", tarfile.DIRTYPE),
-    ],
-    "link-then-link-through": lambda out: [
-        _member("a", tarfile.SYMTYPE, link=out),
-        _member("a/sentinel.txt", tarfile.SYMTYPE, link="/etc/passwd"),
-    ],
-    "nested-link-then-write-through": lambda out: [
-        _member("d", tarfile.DIRTYPE),
-        _member("d/l", tarfile.SYMTYPE, link=out),
-        _member("d/l/sentinel.txt"),
-    ],
-    "dotdot-link-then-write-through": lambda out: [
-        _member("up", tarfile.SYMTYPE, link=".."),
-        _member("up/escape"),
-    ],
-    "inside-link-then-write-through": lambda out: [
-        _member("sub", tarfile.DIRTYPE),
-        _member("link", tarfile.SYMTYPE, link="sub"),
-        _member("link/escape"),
-    ],
-    "escaping-link-then-write-through": lambda out: [
-        _member("link", tarfile.SYMTYPE, link="sub/../.."),
-        _member("link/escape"),
-    ],
-    "hardlinked-link-then-write-through": lambda out: [
-        _member("l", tarfile.SYMTYPE, link=out),
-        _member("h", tarfile.LNKTYPE, link="l"),
-        _member("h/sentinel.txt"),
-    ],
-    "symlink-replaced-by-file": lambda out: [
-        _member("a", tarfile.SYMTYPE, link="ok.txt"),
-        _member("a", data=b"overwrite through link"),
-    ],
-    "dir-replaced-by-symlink": lambda out: [
-        _member("sub/f", data=b"x"),
-        _member("sub", tarfile.SYMTYPE, link="."),
-    ],
-    # Hard links must name an earlier member of the tree, not through a link.
-    "hardlink-absolute": lambda out: [
-        SAFE_FIRST,
-        _member("h", tarfile.LNKTYPE, link="/etc/passwd"),
-    ],
-    "hardlink-absolute-outside": lambda out: [
-        SAFE_FIRST,
-        _member("h", tarfile.LNKTYPE, link=f"{out}/sentinel.txt"),
-    ],
-    "hardlink-dotdot": lambda out: [
-        SAFE_FIRST,
-        _member("h", tarfile.LNKTYPE, link="../outside.txt"),
-    ],
-    "hardlink-not-in-archive": lambda out: [
-        SAFE_FIRST,
-        _member("h", tarfile.LNKTYPE, link="outside.txt"),
-    ],
-    "hardlink-later-member": lambda out: [
-        _member("h", tarfile.LNKTYPE, link="ok.txt"),
-        SAFE_FIRST,
-    ],
-    "hardlink-to-dir": lambda out: [
-        _member("sub", tarfile.DIRTYPE),
-        _member("h", tarfile.LNKTYPE, link="sub"),
-    ],
-    "hardlink-through-symlink": lambda out: [
-        _member("l", tarfile.SYMTYPE, link=out),
-        _member("h", tarfile.LNKTYPE, link="l/sentinel.txt"),
-    ],
-    "hardlink-through-inside-symlink": lambda out: [
-        _member("sub", tarfile.DIRTYPE),
-        _member("sub/file", data=b"data"),
-        _member("l", tarfile.SYMTYPE, link="sub"),
-        _member("h", tarfile.LNKTYPE, link="l/file"),
-    ],
-    # Special files.
-    "fifo": lambda out: [SAFE_FIRST, _member("pipe", tarfile.FIFOTYPE)],
-    "char-device": lambda out: [SAFE_FIRST, _member("null", tarfile.CHRTYPE)],
-    "block-device": lambda out: [SAFE_FIRST, _member("disk", tarfile.BLKTYPE)],
-}
 
 
 @pytest.fixture
@@ -491,15 +248,6 @@ def outside(tmp_path: Path) -> Path:
     out.mkdir()
     (out / "sentinel.txt").write_text("original\n")
     return out
-
-
-def _assert_nothing_written(tmp_path: Path, parent: Path, outside: Path, before: Manifest) -> None:
-    """Not the target (removed), not beside it, not above it, not through a link."""
-    assert list(parent.iterdir()) == []
-    assert manifest(tmp_path) == before
-    assert (outside / "sentinel.txt").read_text() == "original\n"
-    assert sorted(p.name for p in outside.iterdir()) == ["sentinel.txt"]
-    assert not Path("/tmp/abs-escape").exists()
 
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
@@ -514,7 +262,7 @@ def test_malicious_archive_is_refused(
     before = manifest(tmp_path)
     with pytest.raises(PermanentProviderError, match="snapshot evil refused: member '") as err:
         store.restore(url, target)
-    _assert_nothing_written(tmp_path, parent, outside, before)
+    assert_nothing_written(tmp_path, parent, outside, before)
     assert "pwned" not in str(err.value)
 
 
@@ -573,46 +321,6 @@ def test_refusal_message_names_the_member(store: FileSnapshotStore, tmp_path: Pa
 
 
 # ------------------------------------------------ single pass through a staging directory
-
-
-class StagingSpy:
-    """Records each staging directory a failed restore removes, with how many files
-    and links it held then: proof that the restore had already written into it."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.removed: list[tuple[Path, int]] = []
-        real = snapshot_extract._remove_tree
-
-        def spy(path: Path) -> None:
-            held = sum(len(files) for _, _, files in os.walk(path))
-            self.removed.append((path, held))
-            real(path)
-
-        monkeypatch.setattr(snapshot_extract, "_remove_tree", spy)
-
-
-def many_good_members(count: int = 300) -> Members:
-    """``count`` small files over a few directories, and a link early on."""
-    members: Members = [_member("early-link", tarfile.SYMTYPE, link="d0/f0.txt")]
-    for i in range(count):
-        members.append(_member(f"d{i % 7}/f{i}.txt", data=f"file {i}\n".encode() * 20))
-    return members
-
-
-# Hostile members that only come after many good ones.
-LATE_HOSTILE: dict[str, Callable[[str], Members]] = {
-    "dotdot": lambda out: [_member("../escape")],
-    "absolute-outside": lambda out: [_member(f"{out}/sentinel.txt")],
-    "link-then-write-through-outside": lambda out: [
-        _member("zz", tarfile.SYMTYPE, link=out),
-        _member("zz/sentinel.txt"),
-    ],
-    "write-then-link": lambda out: [_member("d3", tarfile.SYMTYPE, link=out)],
-    "early-link-written-through": lambda out: [_member("early-link/x")],
-    "hardlink-outside": lambda out: [_member("h", tarfile.LNKTYPE, link=f"{out}/sentinel.txt")],
-    "replaces-a-file": lambda out: [_member("d1/f1.txt", data=b"second copy")],
-    "fifo": lambda out: [_member("pipe", tarfile.FIFOTYPE)],
-}
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["missing-target", "empty-target"])
@@ -689,7 +397,7 @@ def test_without_a_root_member_the_target_keeps_its_mode(
 ) -> None:
     """As when extracting in place: an existing target keeps its mode, a missing one
     gets the mode mkdir gives (the umask's)."""
-    url = _write_archive(store, "noroot", [_member("a.txt", data=b"a")])
+    url = _write_archive(store, "noroot", [member("a.txt", data=b"a")])
     existing = tmp_path / "existing"
     existing.mkdir(mode=0o750)
     store.restore(url, existing)
@@ -706,7 +414,7 @@ def test_a_target_filled_during_the_restore_is_not_replaced(
 ) -> None:
     """The rename replaces only an empty directory: a target that something else
     filled meanwhile keeps its contents, and the restore fails."""
-    url = _write_archive(store, "k", [_member("a.txt", data=b"a")])
+    url = _write_archive(store, "k", [member("a.txt", data=b"a")])
     target = tmp_path / "target"
     target.mkdir()
     real = snapshot_extract._move_into_place
@@ -727,7 +435,7 @@ def test_the_staging_directory_is_named_after_the_target(
 ) -> None:
     """Hidden, beside the target, and starting with a dotted target's own name (so the
     sandbox provider's sweep of ``.tmp+<name>+*`` finds a killed restore's leftovers)."""
-    url = _write_archive(store, "k", [_member("a.txt", data=b"a"), _member("../x")])
+    url = _write_archive(store, "k", [member("a.txt", data=b"a"), member("../x")])
     spy = StagingSpy(monkeypatch)
     for name in ("plain", ".tmp+s1+abc"):
         with pytest.raises(PermanentProviderError):
@@ -743,15 +451,15 @@ def test_internal_symlinks_and_loops_are_accepted(store: FileSnapshotStore, tmp_
         store,
         "fine",
         [
-            _member("sub", tarfile.DIRTYPE),
-            _member("sub/file", data=b"data"),
-            _member("to-file", tarfile.SYMTYPE, link="sub/file"),
-            _member("sub/up", tarfile.SYMTYPE, link="../to-file"),
-            _member("sub/self", tarfile.SYMTYPE, link="."),
-            _member("via-self", tarfile.SYMTYPE, link="sub/self/file"),
-            _member("loop-a", tarfile.SYMTYPE, link="loop-b"),
-            _member("loop-b", tarfile.SYMTYPE, link="loop-a"),
-            _member("hard", tarfile.LNKTYPE, link="sub/file"),
+            member("sub", tarfile.DIRTYPE),
+            member("sub/file", data=b"data"),
+            member("to-file", tarfile.SYMTYPE, link="sub/file"),
+            member("sub/up", tarfile.SYMTYPE, link="../to-file"),
+            member("sub/self", tarfile.SYMTYPE, link="."),
+            member("via-self", tarfile.SYMTYPE, link="sub/self/file"),
+            member("loop-a", tarfile.SYMTYPE, link="loop-b"),
+            member("loop-b", tarfile.SYMTYPE, link="loop-a"),
+            member("hard", tarfile.LNKTYPE, link="sub/file"),
         ],
     )
     target = tmp_path / "t"
@@ -781,11 +489,11 @@ def test_links_pointing_anywhere_are_restored_as_links(
         "dangling-abs": "/no/such/file",
         "self": "self",
     }
-    members: Members = [_member("sub", tarfile.DIRTYPE)]
-    members += [_member(name, tarfile.SYMTYPE, link=to) for name, to in links.items()]
+    members: Members = [member("sub", tarfile.DIRTYPE)]
+    members += [member(name, tarfile.SYMTYPE, link=to) for name, to in links.items()]
     members += [
-        _member("sub/after.txt", data=b"after the links"),
-        _member("hard-to-link", tarfile.LNKTYPE, link="abs"),  # a hard link to a link
+        member("sub/after.txt", data=b"after the links"),
+        member("hard-to-link", tarfile.LNKTYPE, link="abs"),  # a hard link to a link
     ]
     url = _write_archive(store, "links", members)
     parent = tmp_path / "sandboxes"
@@ -811,16 +519,16 @@ def test_links_are_made_after_files_and_before_directory_modes(
     store: FileSnapshotStore, tmp_path: Path
 ) -> None:
     """A link listed before the files it sits beside, in a read-only directory."""
-    ro = _member("ro", tarfile.DIRTYPE)
+    ro = member("ro", tarfile.DIRTYPE)
     ro[0].mode = 0o555
     url = _write_archive(
         store,
         "order",
         [
-            _member("ro/link", tarfile.SYMTYPE, link="/usr/bin/python3"),
+            member("ro/link", tarfile.SYMTYPE, link="/usr/bin/python3"),
             ro,
-            _member("ro/file.txt", data=b"file"),
-            _member("implied/dir/link", tarfile.SYMTYPE, link="../../ro/file.txt"),
+            member("ro/file.txt", data=b"file"),
+            member("implied/dir/link", tarfile.SYMTYPE, link="../../ro/file.txt"),
         ],
     )
     target = tmp_path / "t"
@@ -951,15 +659,15 @@ def _special_archive(fmt: int) -> tuple[bytes, list[tuple[str, bytes]]]:
     """A tar with FIFOs and devices (some with long names) between ordinary members,
     and the (name, content) list expected once they are dropped."""
     members = [
-        _member("a.txt", data=b"a" * 700),
-        _member("pipe", tarfile.FIFOTYPE),
-        _member("n" * 150, data=b"long name kept"),
-        _member("p" * 150, tarfile.FIFOTYPE),
-        _member("dev", tarfile.CHRTYPE),
-        _member("l" * 150, tarfile.SYMTYPE, link="t" * 150),
-        _member("blk" * 60, tarfile.BLKTYPE),
-        _member("z.txt", data=b""),
-        _member("big.bin", data=os.urandom(5000)),
+        member("a.txt", data=b"a" * 700),
+        member("pipe", tarfile.FIFOTYPE),
+        member("n" * 150, data=b"long name kept"),
+        member("p" * 150, tarfile.FIFOTYPE),
+        member("dev", tarfile.CHRTYPE),
+        member("l" * 150, tarfile.SYMTYPE, link="t" * 150),
+        member("blk" * 60, tarfile.BLKTYPE),
+        member("z.txt", data=b""),
+        member("big.bin", data=os.urandom(5000)),
     ]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
@@ -1004,8 +712,8 @@ def test_tar_stream_filter_gives_up_on_an_oversized_pax_header(chunk: int) -> No
     memory), never cut in a way that would glue the header to another member."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        tf.addfile(_member("a.txt", data=b"a")[0], io.BytesIO(b"a"))
-        info = _member("pipe", tarfile.FIFOTYPE)[0]
+        tf.addfile(member("a.txt", data=b"a")[0], io.BytesIO(b"a"))
+        info = member("pipe", tarfile.FIFOTYPE)[0]
         info.pax_headers = {"comment": "c" * (2 << 20)}
         tf.addfile(info)
     raw = buf.getvalue()
@@ -1016,7 +724,7 @@ def test_tar_stream_filter_gives_up_on_an_oversized_pax_header(chunk: int) -> No
 
 
 def test_setuid_bits_are_dropped(store: FileSnapshotStore, tmp_path: Path) -> None:
-    info, data = _member("suid", data=b"#!/bin/sh\n")
+    info, data = member("suid", data=b"#!/bin/sh\n")
     info.mode = 0o4755
     url = _write_archive(store, "suid", [(info, data)])
     store.restore(url, tmp_path / "t")
