@@ -30,11 +30,16 @@ SECTION = "### A first session"
 
 def readme_blocks(section: str = SECTION) -> list[str]:
     """The ```sh blocks of ``section`` (up to the next heading), in order."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index(section) + len(section)
-    following = re.search(r"^#{1,3} ", text[start:], flags=re.MULTILINE)
-    body = text[start : start + following.start()] if following else text[start:]
-    return re.findall(r"^```sh\n(.*?)^```$", body, flags=re.MULTILINE | re.DOTALL)
+    lines = (ROOT / "README.md").read_text().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.rstrip("\n") == section) + 1
+    body, fenced = [], False
+    for line in lines[start:]:
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,3} ", line):
+            break  # the next heading (a "# comment" inside a block is not one)
+        body.append(line)
+    return re.findall(r"^```sh\n(.*?)^```$", "".join(body), flags=re.MULTILINE | re.DOTALL)
 
 
 #: The runnable sections, in the order a reader meets them; later blocks use the
@@ -157,3 +162,37 @@ def test_a_first_session_runs_verbatim(up: Up) -> None:
         f"{up.api_url}/api/sessions/{sid}", headers={"x-api-key": creds["key"]}, timeout=10
     )
     assert owner.status_code in (403, 404)  # Ada's session, not the development account's
+
+
+#: Sections whose blocks continue from "A first session" ($API, $KEY, $ACCOUNT).
+MORE_SECTIONS = ("### Events", "### Retention", "### Commands and files")
+
+
+def test_the_events_retention_and_commands_blocks_run_verbatim(up: Up) -> None:
+    """After the first session, the Events, Retention and Commands blocks run as written:
+    the feed names the session's events, the PATCH echoes the retention settings, and the
+    agent's file runs in the sandbox with its output streamed back."""
+    if any(shutil.which(tool) is None for tool in ("bash", "curl", "jq")):
+        pytest.skip("the README's snippets need bash, curl and jq")
+    if shutil.which("bwrap") is None:
+        pytest.skip("the commands block needs bubblewrap (apt-get install -y bubblewrap)")
+    blocks = [b for s in (SECTION, *MORE_SECTIONS) for b in readme_blocks(s)]
+    assert len(blocks) == 5  # first session (2), events, retention, commands and files
+    script = "set -e\n" + "\n".join(blocks)
+    env = {**_bare_env(), "LIFECYCLE_DATA_DIR": str(up.data_dir), "API": up.api_url}
+    done = subprocess.run(
+        ["bash", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,  # a hang guard only
+        check=False,
+    )
+    print(f"--- stdout\n{done.stdout}--- stderr\n{done.stderr}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert '"type":"session.created"' in out.replace(" ", ""), out
+    assert '"autoArchiveAfterSeconds": 86400' in out, out
+    assert "hello from the sandbox" in out, out  # the command's output, over SSE
+    assert "hello.py" in out.splitlines(), out  # the files listing
