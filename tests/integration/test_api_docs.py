@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.support.factories import Caller
+from worker.config import get_settings
+
 _URL = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']|url:\s*["']([^"']+)["']""")
 
 
@@ -96,3 +99,39 @@ def test_headless_chromium_renders_the_operations_with_no_network(
             Path(keep).unlink()
         render(chromium, f"{live_api}/docs", tmp_path, screenshot=Path(keep))
         assert Path(keep).stat().st_size > 10_000
+
+
+def test_the_document_states_the_limits_the_server_enforces(
+    client: TestClient, caller: Caller
+) -> None:
+    """What the OpenAPI document says about limits is what the server does."""
+    schema = client.get("/openapi.json").json()
+    listing = {p["name"]: p for p in schema["paths"]["/api/sessions"]["get"]["parameters"]}
+    limit = listing["limit"]["schema"]
+    assert (limit["type"], limit["minimum"], limit["maximum"]) == ("integer", 1, 100)
+    states = listing["status"]["schema"]["enum"]
+    create = schema["paths"]["/api/sessions"]["post"]
+    key = next(p for p in create["parameters"] if p["name"] == "Idempotency-Key")["schema"]
+    body = create["requestBody"]["content"]["application/json"]["schema"]
+    title_max = body["properties"]["title"]["anyOf"][0]["maxLength"]
+    assert f"at most {get_settings().max_body_bytes} bytes" in create["requestBody"]["description"]
+
+    def listed(**params: str) -> int:
+        r = client.get("/api/sessions", params=params, headers=caller.headers)
+        return r.status_code
+
+    assert listed(limit=str(limit["maximum"])) == 200
+    assert listed(limit=str(limit["minimum"])) == 200
+    assert listed(limit=str(limit["maximum"] + 1)) == 400
+    assert listed(limit=str(limit["minimum"] - 1)) == 400
+    assert all(listed(status=s) == 200 for s in states)
+    assert listed(status="bogus") == 400
+
+    def created(headers: dict[str, str], body: dict[str, str] | None = None) -> int:
+        r = client.post("/api/sessions", headers={**caller.headers, **headers}, json=body or {})
+        return r.status_code
+
+    assert created({"Idempotency-Key": "k" * key["maxLength"]}) == 200
+    assert created({"Idempotency-Key": "k" * (key["maxLength"] + 1)}) == 400
+    assert created({}, {"title": "t" * title_max}) == 200
+    assert created({}, {"title": "t" * (title_max + 1)}) == 400
