@@ -104,18 +104,26 @@ class RawBody:
     too_large: bool
 
 
-async def raw_body(request: Request) -> RawBody:
-    """Read the body without judging it, so a route can authenticate the caller first."""
-    limit = app_settings(request).max_body_bytes
+async def read_bounded(request: Request, limit: int) -> RawBody:
+    """The body, read without judging it (so a route can authenticate the caller
+    first), and never more than ``limit`` + 1 bytes of it: a declared length over the
+    limit is refused unread, a chunked one as soon as it passes."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         return RawBody(b"", too_large=True)
-    raw = b""
+    chunks: list[bytes] = []
+    size = 0
     async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
+        size += len(chunk)
+        if size > limit:
             return RawBody(b"", too_large=True)
-    return RawBody(raw, too_large=False)
+        chunks.append(chunk)
+    return RawBody(b"".join(chunks), too_large=False)
+
+
+async def raw_body(request: Request) -> RawBody:
+    """A JSON route's body, at most ``max_body_bytes``."""
+    return await read_bounded(request, app_settings(request).max_body_bytes)
 
 
 def parse_json_object(body: RawBody, settings: Settings) -> dict[str, Any]:

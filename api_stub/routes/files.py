@@ -8,13 +8,20 @@ tree; links inside it are reported, never followed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from api_stub.deps import AccountDep, DbDep, SettingsDep, app_settings, transaction
+from api_stub.deps import (
+    AccountDep,
+    DbDep,
+    RawBody,
+    SettingsDep,
+    app_settings,
+    read_bounded,
+    transaction,
+)
 from api_stub.routes.sessions import _ERRORS, _publish
 from api_stub.schemas import ErrorBody
 from worker.config import Settings
@@ -35,31 +42,12 @@ PathQuery = Annotated[
 ]
 
 
-@dataclass
-class FileBody:
-    """A request body as read, bounded by ``file_max_bytes``."""
-
-    data: bytes
-    too_large: bool
+async def file_body(request: Request) -> RawBody:
+    """The raw file content, read after authentication, at most ``file_max_bytes``."""
+    return await read_bounded(request, app_settings(request).file_max_bytes)
 
 
-async def file_body(request: Request) -> FileBody:
-    """The raw body, read after authentication, at most ``file_max_bytes`` + 1 of it."""
-    limit = app_settings(request).file_max_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        return FileBody(b"", too_large=True)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return FileBody(b"", too_large=True)
-        chunks.append(chunk)
-    return FileBody(b"".join(chunks), too_large=False)
-
-
-FileBodyDep = Annotated[FileBody, Depends(file_body)]
+FileBodyDep = Annotated[RawBody, Depends(file_body)]
 
 
 def _run(

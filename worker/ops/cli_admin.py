@@ -212,13 +212,11 @@ def accounts_limits(
     )
 
 
-@orgs_app.command("add-member")
-def orgs_add_member(
-    org: Annotated[str, typer.Option("--org", help="Organization account id (or its start)")],
-    account: Annotated[str, typer.Option("--account", help="Member account id (or its start)")],
-    data_dir: DataDirOption = None,
-) -> None:
-    """Make ACCOUNT a member of ORG."""
+OrgOption = Annotated[str, typer.Option("--org", help="Organization account id (or its start)")]
+MemberOption = Annotated[str, typer.Option("--account", help="Member account id (or its start)")]
+
+
+def _change_membership(org: str, account: str, data_dir: str | None, add: bool) -> None:
     from worker.db.models import AccountRecord
     from worker.services import accounts
 
@@ -226,26 +224,23 @@ def orgs_add_member(
     with _db() as db:
         org_id = _resolve_id(db, AccountRecord, org, "organization")
         account_id = _resolve_id(db, AccountRecord, account, "account")
-        _domain(lambda: accounts.add_member(db, org_id, account_id))
-    typer.echo(f"{account_id} is a member of {org_id}")
+        change = accounts.add_member if add else accounts.remove_member
+        _domain(lambda: change(db, org_id, account_id))
+    typer.echo(f"{account_id} is {'' if add else 'no longer '}a member of {org_id}")
+
+
+@orgs_app.command("add-member")
+def orgs_add_member(org: OrgOption, account: MemberOption, data_dir: DataDirOption = None) -> None:
+    """Make ACCOUNT a member of ORG."""
+    _change_membership(org, account, data_dir, add=True)
 
 
 @orgs_app.command("remove-member")
 def orgs_remove_member(
-    org: Annotated[str, typer.Option("--org", help="Organization account id (or its start)")],
-    account: Annotated[str, typer.Option("--account", help="Member account id (or its start)")],
-    data_dir: DataDirOption = None,
+    org: OrgOption, account: MemberOption, data_dir: DataDirOption = None
 ) -> None:
     """End ACCOUNT's membership of ORG: it loses the org's sessions at once."""
-    from worker.db.models import AccountRecord
-    from worker.services import accounts
-
-    _use_stack(data_dir)
-    with _db() as db:
-        org_id = _resolve_id(db, AccountRecord, org, "organization")
-        account_id = _resolve_id(db, AccountRecord, account, "account")
-        _domain(lambda: accounts.remove_member(db, org_id, account_id))
-    typer.echo(f"{account_id} is no longer a member of {org_id}")
+    _change_membership(org, account, data_dir, add=False)
 
 
 @keys_app.command("create")
