@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_FLAGS ?=
 
-.PHONY: install lock run test lint fmt services bwrap test-faults test-e2e bench bench-quick docs-screenshot api-docs clean
+.PHONY: install lock run test lint fmt services bwrap wrk test-faults test-e2e bench bench-quick docs-screenshot api-docs clean
 
 LOCK   := requirements.lock
 
@@ -56,7 +56,11 @@ services: bwrap
 ## bubblewrap, which confines sandboxed commands: installed when missing and we can
 ## (root with apt), else the command that would is printed.
 bwrap:
-	bash scripts/ensure-bwrap.sh
+	bash scripts/ensure-tool.sh bwrap bubblewrap "sandboxed commands"
+
+## wrk, the C load generator of the create benchmark (the same way).
+wrk:
+	bash scripts/ensure-tool.sh wrk wrk "the create benchmark's load generator"
 
 ## The full fault suite (long).
 test-faults: install services
@@ -65,10 +69,10 @@ test-faults: install services
 test-e2e: install services
 	$(BIN)/pytest tests/e2e -q $(PYTEST_FLAGS)
 
-bench: install services
+bench: install services wrk
 	$(BIN)/python -m bench
 
-bench-quick: install services
+bench-quick: install services wrk
 	$(BIN)/python -m bench --quick
 
 ## Render /docs in headless chromium with no network; keep the picture in docs/.

@@ -1,9 +1,12 @@
 """create: ``POST /api/sessions`` against one raw transaction and one Redis push.
 
-System: the real API process (``lifecycle api --workers N``, uvicorn), driven by a
-closed-loop load generator (one thread and one keep-alive ``http.client`` connection per
-concurrent client) at concurrency 1, 8 and 32. Requests carry a title and go round-robin
-over 8 API keys (8 accounts).
+System: the real API process (``lifecycle api --workers N``, uvicorn), driven by wrk (a
+load generator written in C, so the client costs the two cores almost nothing; ``make
+bench`` installs it) at concurrency 1, 8 and 32: ``c`` keep-alive connections, each
+sending its next request when the last is answered, for ``n / 500`` seconds (at least
+one). Requests carry a title and go round-robin over 8 API keys (8 accounts); any answer
+but 200 fails the run. Without wrk, the closed-loop Python load generator below drives
+the system too (``extra.client`` says which).
 
 Baseline: the same load generator shape calling, per request, one psycopg transaction
 that inserts the same session, chat and outbox rows (one connection per client thread),
@@ -18,11 +21,14 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
+import shutil
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from bench.common import Context, Result, Spread, api_process, check, compare, percentile
 
@@ -129,6 +135,64 @@ def _system_worker(host: str, port: int, keys: list[str]) -> Callable[[], Callab
     return make
 
 
+_WRK_SCRIPT = """
+local keys = {%s}
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("POST", "/api/sessions",
+    {["x-api-key"] = keys[n %% #keys + 1], ["content-type"] = "application/json"},
+    '{"title": "bench session ' .. n .. '"}')
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRK %%d %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+class Wrk:
+    """One wrk round against the API: throughput and the p50/p99 latency it measured."""
+
+    def __init__(self, host: str, port: int, keys: list[str], work: Path) -> None:
+        self.url = f"http://{host}:{port}"
+        self.script = work / "create.lua"
+        self.script.write_text(_WRK_SCRIPT % ", ".join(f'"{k}"' for k in keys))
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("wrk") is not None
+
+    def run(self, concurrency: int, seconds: float) -> tuple[float, float, float, int]:
+        """(requests/s, p50 s, p99 s, requests) of a run of ``seconds``."""
+        threads = min(2, concurrency)
+        argv = [
+            "wrk",
+            f"-t{threads}",
+            f"-c{concurrency}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "30s",
+        ]
+        out = subprocess.run(
+            [*argv, "-s", str(self.script), self.url],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=True,
+        ).stdout
+        line = next((x for x in out.splitlines() if x.startswith("WRK ")), None)
+        if line is None:
+            raise RuntimeError(f"wrk printed no summary: {out[-500:]}")
+        requests, micros, failed, bad_status, p50, p99 = (int(v) for v in line.split()[1:])
+        if failed or bad_status:
+            raise RuntimeError(f"wrk: {failed} failed requests, {bad_status} answers not 2xx")
+        return requests / (micros / 1e6), p50 / 1e6, p99 / 1e6, requests
+
+
 def _raw_worker(
     conninfo: str, broker_url: str, accounts: list[uuid.UUID]
 ) -> Callable[[], Callable[[int], None]]:
@@ -193,6 +257,8 @@ def run(ctx: Context) -> list[Result]:
     results: list[Result] = []
     with api_process(servers, ctx.work, sizes.api_workers) as (host, port, api):
         system = _system_worker(host, port, keys)
+        wrk = Wrk(host, port, keys, ctx.work) if Wrk.available() else None
+        client = "wrk" if wrk is not None else "python"
         # Warm-up: connection pools, imports on first use, prepared statements.
         Load(60, 4).run(system)
         Load(60, 4).run(raw)
@@ -202,16 +268,21 @@ def run(ctx: Context) -> list[Result]:
             p99: dict[str, list[float]] = {"sys": [], "raw": []}
             api_cpu: list[float] = []  # ms of API CPU per request
             for r in range(sizes.rounds):
-                order = [("sys", system), ("raw", raw)]
-                for side, make in order if r % 2 == 0 else order[::-1]:
-                    load = Load(n, concurrency)
+                for side in ("sys", "raw") if r % 2 == 0 else ("raw", "sys"):
                     cpu = api.cpu_seconds()
-                    elapsed = load.run(make)
+                    if side == "sys" and wrk is not None:
+                        rate, lat50, lat99, done = wrk.run(concurrency, n / 500)
+                    else:
+                        load = Load(n, concurrency)
+                        elapsed = load.run(system if side == "sys" else raw)
+                        rate, done = n / elapsed, n
+                        lat50 = percentile(load.latencies, 50)
+                        lat99 = percentile(load.latencies, 99)
                     if side == "sys":
-                        api_cpu.append((api.cpu_seconds() - cpu) / n * 1000)
-                    tput[side].append(n / elapsed)
-                    p50[side].append(percentile(load.latencies, 50) * 1000)
-                    p99[side].append(percentile(load.latencies, 99) * 1000)
+                        api_cpu.append((api.cpu_seconds() - cpu) / done * 1000)
+                    tput[side].append(rate)
+                    p50[side].append(lat50 * 1000)
+                    p99[side].append(lat99 * 1000)
             ctx.log(
                 f"create: c={concurrency}: {Spread.of(tput['sys']).median:,.0f} vs "
                 f"{Spread.of(tput['raw']).median:,.0f} req/s"
@@ -228,7 +299,10 @@ def run(ctx: Context) -> list[Result]:
                         tput["raw"],
                         ">= 0.5",
                         size,
-                        extra={"api_cpu_ms_per_request": round(Spread.of(api_cpu).median, 2)},
+                        extra={
+                            "api_cpu_ms_per_request": round(Spread.of(api_cpu).median, 2),
+                            "client": client,
+                        },
                     ),
                     gated,
                 )
