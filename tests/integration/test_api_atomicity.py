@@ -44,15 +44,16 @@ def test_failure_before_commit_leaves_no_trace(
     lenient: TestClient, caller: Caller, monkeypatch: pytest.MonkeyPatch, target: str
 ) -> None:
     inserted: list[str] = []
-    from sqlalchemy import event
+    from worker.services import sessions
 
-    from worker.db.engine import get_engine
+    insert = sessions.create_session
 
-    def spy(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if "INSERT INTO sessions" in statement:
-            inserted.append("sessions")
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        created = insert(*args, **kwargs)  # the statement writing the session has run
+        inserted.append("sessions")
+        return created
 
-    event.listen(get_engine(), "after_cursor_execute", spy)
+    monkeypatch.setattr(sessions, "create_session", spy)
     monkeypatch.setattr(target, _raise)
     before = row_counts()
     r = lenient.post(
@@ -64,7 +65,6 @@ def test_failure_before_commit_leaves_no_trace(
     assert r.json() == {"status": "error", "error": "Internal server error"}
     assert "sessions" in inserted  # the failure really came after the session insert
     assert row_counts() == before  # no session, chat, outbox record, run or key
-    event.remove(get_engine(), "after_cursor_execute", spy)
 
 
 def test_the_failure_is_not_sticky(

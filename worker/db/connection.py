@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import psycopg
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Dialect, Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -120,18 +120,41 @@ class KeptConnection:
     def _failed(self, exc: psycopg.Error) -> Exception:
         """Drop the connection (invalidated when broken; any open transaction is rolled
         back by the pool) and return the error as SQLAlchemy raises it."""
-        dialect = self._engine.dialect
-        broken = dialect.is_disconnect(cast(Any, exc), cast(Any, self._pg), None)
-        if broken and self._sa is not None:
-            with contextlib.suppress(Exception):
-                self._sa.invalidate(exc)
+        error = _as_sqlalchemy(self._engine.dialect, self._sa, self._pg, exc)
         self.close()
-        return sa_exc.DBAPIError.instance(
-            None, None, exc, psycopg.Error, connection_invalidated=broken, dialect=dialect
-        )
+        return error
 
     def close(self) -> None:
         sa, self._sa, self._pg = self._sa, None, None
         if sa is not None and self._pid == os.getpid():  # never a parent's, after a fork
             with contextlib.suppress(Exception):  # a broken one is invalidated by the pool
                 sa.close()
+
+
+def _as_sqlalchemy(
+    dialect: Dialect, sa: Connection | None, pg: psycopg.Connection[Any] | None, exc: psycopg.Error
+) -> Exception:
+    """A driver error as SQLAlchemy raises it (``OperationalError`` …), the connection
+    invalidated when the error says it is broken."""
+    broken = dialect.is_disconnect(cast(Any, exc), cast(Any, pg), None)
+    if broken and sa is not None:
+        with contextlib.suppress(Exception):
+            sa.invalidate(exc)
+    return sa_exc.DBAPIError.instance(
+        None, None, exc, psycopg.Error, connection_invalidated=broken, dialect=dialect
+    )
+
+
+@contextlib.contextmanager
+def driver(db: Session) -> Iterator[psycopg.Connection[Any]]:
+    """The session's psycopg connection, in the session's transaction, for hot-path
+    statements sent without SQLAlchemy's statement layer (and pipelined where they can
+    be: ``with pg.pipeline(): …``). Driver errors come out as SQLAlchemy's, a broken
+    connection invalidated, so callers and the API's error mapping see one kind."""
+    sa = db.connection()
+    pg = sa.connection.driver_connection
+    assert isinstance(pg, psycopg.Connection)
+    try:
+        yield pg
+    except psycopg.Error as exc:
+        raise _as_sqlalchemy(sa.dialect, sa, pg, exc) from exc

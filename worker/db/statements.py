@@ -173,35 +173,34 @@ def dispatch_next_statement(
 
 # The session, its first chat, its provision run (queued against version 0, as
 # runs.new_run + runs.enqueue would write it) and the run's outbox job, claimed for
-# publishing right after commit (as outbox.add(claim=True) would write it).
-CREATE_SESSION = text(
-    """
+# publishing right after commit (as outbox.add(claim=True) would write it). In the
+# driver's parameter style: the create sends it without SQLAlchemy's statement layer.
+CREATE_SESSION = f"""
 WITH s AS (
     INSERT INTO sessions (id, user_id, organization_id, artist_id, title, title_generated,
         status, is_new_branch, global_skill_refs, lifecycle_state, lifecycle_version,
         repo_owner, repo_name, branch, clone_url, sandbox_state, lines_added, lines_removed,
         idle_timeout_seconds, max_lifetime_seconds, created_at, updated_at)
-    VALUES (:id, :user_id, :organization_id, :artist_id, :title, :title_generated,
-        :status, :is_new_branch, '[]'::jsonb, :lifecycle_state, :lifecycle_version,
-        :repo_owner, :repo_name, :branch, :clone_url, CAST(:sandbox_state AS jsonb),
-        :lines_added, :lines_removed, :idle_timeout_seconds, :max_lifetime_seconds,
-        :created_at, :updated_at)
+    VALUES (%(id)s, %(user_id)s, %(organization_id)s, %(artist_id)s, %(title)s, %(title_generated)s,
+        %(status)s, %(is_new_branch)s, '[]'::jsonb, %(lifecycle_state)s, %(lifecycle_version)s,
+        %(repo_owner)s, %(repo_name)s, %(branch)s, %(clone_url)s, %(sandbox_state)s::jsonb,
+        %(lines_added)s, %(lines_removed)s, %(idle_timeout_seconds)s, %(max_lifetime_seconds)s,
+        %(created_at)s, %(updated_at)s)
     ON CONFLICT (user_id, title) WHERE title_generated DO NOTHING
     RETURNING id
 ), c AS (
     INSERT INTO chats (id, session_id, title, model_id, created_at, updated_at)
-    SELECT :chat_id, s.id, 'New chat', :model_id, :created_at, :created_at FROM s
+    SELECT %(chat_id)s, s.id, 'New chat', %(model_id)s, %(created_at)s, %(created_at)s FROM s
 ), r AS (
     INSERT INTO lifecycle_runs (id, session_id, kind, trigger, state, attempts,
         issued_version, created_at, updated_at)
-    SELECT :run_id, s.id, 'provision', 'create', 'queued', 0, :lifecycle_version,
-        :created_at, :created_at FROM s
+    SELECT %(run_id)s, s.id, 'provision', 'create', 'queued', 0, %(lifecycle_version)s,
+        %(created_at)s, %(created_at)s FROM s
 )
-INSERT INTO outbox (task_name, payload, queue, created_at, claimed_until, attempts)
-SELECT :job_task, CAST(:job_payload AS jsonb), :job_queue, :job_now, :job_claimed_until, 0 FROM s
+INSERT INTO outbox {JOB_COLUMNS}
+SELECT {JOB_VALUES} FROM s
 RETURNING id
 """
-)
 
 
 # ----------------------------------------------------------------- the claim statement

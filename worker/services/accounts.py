@@ -9,10 +9,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from worker.db.connection import driver
 from worker.db.models import AccountRecord, ApiKeyRecord, OrgMembershipRecord
 from worker.errors import InvalidInput, NotFound, Unauthorized
 
@@ -116,32 +117,47 @@ def actor_of(key: str) -> str:
     return f"key {key[:SHOWN_PREFIX]}\u2026"
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who a key belongs to, and that account's own quota columns (NULL: the
+    operator's default), read in the same statement for the create path."""
+
+    account_id: uuid.UUID
+    max_active_sandboxes: int | None
+    max_sessions: int | None
+
+
+# The key by its hash, its account's own limits, and the transaction's actor: names the
+# caller in this transaction's events ("hibernate requested by key slk_ab12cd…"), the
+# key's stored prefix, never the key.
+_AUTHENTICATE = f"""
+SELECT k.key_hash, k.account_id, k.expires_at, k.revoked_at,
+    a.max_active_sandboxes, a.max_sessions, set_config('{ACTOR_SETTING}', %s, true)
+FROM api_keys AS k JOIN accounts AS a ON a.id = k.account_id
+WHERE k.key_hash = %s
+"""
+
+
 def authenticate(db: Session, key: str) -> uuid.UUID:
     """The account owning ``key``; :class:`Unauthorized` for unknown, expired or revoked keys."""
+    return caller(db, key).account_id
+
+
+def caller(db: Session, key: str) -> Caller:
+    """:func:`authenticate`, with the account's own limits. The lookup opens the
+    session's transaction and is sent in the same round trip as its ``BEGIN``."""
     digest = hash_key(key)
-    # On the session's connection: a plain Core query skips the ORM's statement layer.
-    row = (
-        db.connection()
-        .execute(
-            select(
-                ApiKeyRecord.key_hash,
-                ApiKeyRecord.account_id,
-                ApiKeyRecord.expires_at,
-                ApiKeyRecord.revoked_at,
-                # Names the caller in this transaction's events ("hibernate requested by
-                # key slk_ab12cd…"): the key's stored prefix, never the key.
-                func.set_config(ACTOR_SETTING, actor_of(key), True),
-            ).where(ApiKeyRecord.key_hash == digest)
-        )
-        .first()
-    )
+    with driver(db) as pg:
+        with pg.pipeline():
+            cur = pg.execute(_AUTHENTICATE, (actor_of(key), digest))
+        row = cur.fetchone()
     # The lookup is by hash (an index probe); compare again in constant time anyway.
-    if row is None or not hmac.compare_digest(row.key_hash, digest):
+    if row is None or not hmac.compare_digest(row[0], digest):
         raise Unauthorized("Unauthorized")
-    now = datetime.now(UTC)
-    if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
+    _, account_id, expires_at, revoked_at, max_sandboxes, max_sessions, _ = row
+    if revoked_at is not None or (expires_at is not None and expires_at <= datetime.now(UTC)):
         raise Unauthorized("Unauthorized")
-    return row.account_id  # type: ignore[no-any-return]
+    return Caller(account_id, max_sandboxes, max_sessions)
 
 
 def can_access_org(db: Session, account_id: uuid.UUID, org_id: uuid.UUID) -> bool:

@@ -44,6 +44,7 @@ from worker.db.models import AccountRecord, SessionRecord
 from worker.domain.lifecycle import RunKind
 from worker.errors import DomainError, NotFound
 from worker.services import events
+from worker.services.accounts import Caller
 
 
 class QuotaExceeded(DomainError):
@@ -107,10 +108,12 @@ def limits(db: Session, settings: Settings, account_id: uuid.UUID, *, lock: bool
         db.execute(_LOCK, {"account": account_id})
     row = db.execute(_LIMITS, {"account": account_id}).first()
     own = (row[0], row[1]) if row is not None else (None, None)
-    return Limits(
-        own[0] if own[0] is not None else settings.max_active_sandboxes,
-        own[1] if own[1] is not None else settings.max_sessions,
-    )
+    return Limits(_or(own[0], settings.max_active_sandboxes), _or(own[1], settings.max_sessions))
+
+
+def _or(own: int | None, default: int | None) -> int | None:
+    """An account's own limit, else the operator's."""
+    return own if own is not None else default
 
 
 def _locked_limits(db: Session, settings: Settings, account_id: uuid.UUID) -> Limits | None:
@@ -138,11 +141,21 @@ def _sandbox_cap(
     )
 
 
-def check_create(db: Session, settings: Settings, session: SessionRecord) -> None:
+def check_create(
+    db: Session, settings: Settings, session: SessionRecord, caller: Caller | None = None
+) -> None:
     """Right after inserting ``session`` (which will provision and start a sandbox), in
     its transaction: refuse when the others already fill a cap. Counting after the
-    insert keeps 403 for a foreign organization ahead of any 429."""
+    insert keeps 403 for a foreign organization ahead of any 429. ``caller`` (from
+    authentication) spares the lookup of a personal session's limits when none applies."""
     account = session.organization_id or session.user_id
+    if caller is not None and caller.account_id == account:
+        own = Limits(
+            _or(caller.max_active_sandboxes, settings.max_active_sandboxes),
+            _or(caller.max_sessions, settings.max_sessions),
+        )
+        if own.active_sandboxes is None and own.sessions is None:
+            return
     found = _locked_limits(db, settings, account)
     if found is None:
         return

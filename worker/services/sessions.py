@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from worker.config import Settings
 from worker.db import statements
+from worker.db.connection import driver
 from worker.db.models import ChatRecord, LifecycleRunRecord, OutboxRecord, SessionRecord
 from worker.domain.cursors import decode_cursor, encode_cursor
 from worker.domain.lifecycle import (
@@ -201,15 +202,16 @@ def create_session(
     # One statement writes the session, its first chat, the queued provision run and the
     # run's outbox job. A generated title that collides with one of the owner's inserts
     # nothing (ON CONFLICT on the partial unique index) and is simply drawn again.
-    conn = db.connection()
-    for _ in range(50):
-        if values["title_generated"]:
-            params["title"] = values["title"] = generate_title()
-        outbox_id = conn.execute(statements.CREATE_SESSION, params).scalar()
-        if outbox_id is not None:
-            break
-    else:  # pragma: no cover - 50 collisions in a space of millions
-        raise RuntimeError("could not generate a unique session title")
+    with driver(db) as pg:
+        for _ in range(50):
+            if values["title_generated"]:
+                params["title"] = values["title"] = generate_title()
+            row = pg.execute(statements.CREATE_SESSION, params).fetchone()
+            if row is not None:
+                outbox_id = row[0]
+                break
+        else:  # pragma: no cover - 50 collisions in a space of millions
+            raise RuntimeError("could not generate a unique session title")
     record = SessionRecord(**values)  # detached copy for the caller; the row is inserted
     chat = ChatRecord(
         id=chat_id,
