@@ -79,6 +79,34 @@ XApiKey = Annotated[str | None, Header(description="API key (or use Authorizatio
 Authorization = Annotated[str | None, Header(description="Bearer <API key>")]
 
 
+def _header_doc(name: str, description: str, title: str) -> dict[str, Any]:
+    schema = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "schema": {**schema, "description": description, "title": title},
+        "description": description,
+    }
+
+
+#: What ``XApiKey``, ``Authorization`` and an ``Idempotency-Key`` header parameter put in
+#: the OpenAPI document, for a route that reads its headers itself (``caller_key``):
+#: the hot create route, which skips FastAPI's per-request parameter resolution.
+AUTH_HEADERS_DOC = [
+    _header_doc("x-api-key", "API key (or use Authorization)", "X-Api-Key"),
+    _header_doc("authorization", "Bearer <API key>", "Authorization"),
+]
+IDEMPOTENCY_HEADER_DOC = _header_doc("Idempotency-Key", "", "Idempotency-Key")
+
+
+def caller_key(headers: Headers) -> str:
+    """The API key of a request whose route reads its own headers: what
+    ``current_account``'s header parameters and checks amount to."""
+    refuse_repeated_auth(headers)
+    return api_key_of(headers.get("x-api-key"), headers.get("authorization"))
+
+
 def current_account(
     request: Request, db: DbDep, x_api_key: XApiKey = None, authorization: Authorization = None
 ) -> uuid.UUID:

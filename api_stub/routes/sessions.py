@@ -13,18 +13,17 @@ from fastapi.responses import JSONResponse, Response
 
 from api_stub import conditional, fields
 from api_stub.deps import (
+    AUTH_HEADERS_DOC,
+    IDEMPOTENCY_HEADER_DOC,
     AccountDep,
-    Authorization,
     BodyDep,
     DbDep,
     RawBody,
     SettingsDep,
-    XApiKey,
-    api_key_of,
     app_settings,
+    caller_key,
     parse_json_object,
     raw_body,
-    refuse_repeated_auth,
     transaction,
 )
 from api_stub.schemas import (
@@ -81,28 +80,21 @@ def retention_fields(data: dict[str, Any]) -> tuple[int | None, int | None]:
     "",
     response_model=SessionCreated,
     responses=_ERRORS,
-    openapi_extra=fields.body_doc(SessionCreate),
+    openapi_extra={
+        **fields.body_doc(SessionCreate),
+        "parameters": [*AUTH_HEADERS_DOC, IDEMPOTENCY_HEADER_DOC],
+    },
     summary="Create session",
 )
-async def create_session(
-    request: Request,
-    body: RawBodyDep,
-    x_api_key: XApiKey = None,
-    authorization: Authorization = None,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> Response:
+async def create_session(request: Request) -> Response:
     """Record a session, its first chat and the provision job in one transaction, then
     publish the job. Never waits on GitHub or a sandbox."""
-    # All the blocking work in one hop to the thread pool (each sync dependency would
-    # cost a hop of its own): authenticate, validate, insert, commit.
+    # The busiest route reads its headers itself (no per-request parameter resolution)
+    # and does all the blocking work in one hop to the thread pool: authenticate,
+    # validate, insert, commit.
+    body = await raw_body(request)
     return await anyio.to_thread.run_sync(
-        _create_session,
-        request,
-        body,
-        x_api_key,
-        authorization,
-        idempotency_key,
-        limiter=_create_limiter(request),
+        _create_session, request, body, limiter=_create_limiter(request)
     )
 
 
@@ -117,19 +109,14 @@ def _create_limiter(request: Request) -> anyio.CapacityLimiter:
     return limiter
 
 
-def _create_session(
-    request: Request,
-    body: RawBody,
-    x_api_key: str | None,
-    authorization: str | None,
-    idempotency_key: str | None,
-) -> Response:
+def _create_session(request: Request, body: RawBody) -> Response:
     settings = app_settings(request)
-    refuse_repeated_auth(request.headers)
-    key = api_key_of(x_api_key, authorization)
+    key = caller_key(request.headers)
+    idempotency_key = request.headers.get("idempotency-key")
     with get_sessionmaker()() as db:
         # The caller first (401 before any 413/400), in the transaction that inserts.
-        account = accounts.authenticate(db, key)
+        caller = accounts.caller(db, key)
+        account = caller.account_id
         request.state.account_id = account  # for the access-log line
         data = parse_json_object(body, settings)
         create = sessions.CreateSession(
@@ -167,7 +154,7 @@ def _create_session(
                 clone_url=repo_host.clone_url(owner, name),
                 sandbox_type=settings.sandbox_provider,
             )
-            quotas.check_create(db, settings, created.session)
+            quotas.check_create(db, settings, created.session, caller)
             retention.set_overrides(db, created.session, *keep)
             payload = {"session": session_dict(created.session), "chat": chat_dict(created.chat)}
             if idempotency_key is not None:
