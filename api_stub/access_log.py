@@ -18,9 +18,10 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.logging import get_logger
+from worker.logging import get_logger, write_json_line
 
-log = get_logger("api.access")
+log_name = "api.access"
+log = get_logger(log_name)
 
 REQUEST_ID_HEADER = b"x-request-id"
 #: What a client-sent request id may be: a token, not free text (it lands in logs).
@@ -74,11 +75,12 @@ class AccessLog:
             finally:
                 state: dict[str, Any] = scope.get("state") or {}
                 account = state.get(ACCOUNT_STATE_KEY)
-                log.info(
-                    "http.request",
-                    method=scope.get("method"),
-                    route=route_of(scope),
-                    status=status or 500,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                    account_id=str(account) if account is not None else None,
-                )
+                fields = {
+                    "method": scope.get("method"),
+                    "route": route_of(scope),
+                    "status": status or 500,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "account_id": str(account) if account is not None else None,
+                }
+                if not write_json_line(log_name, "http.request", fields):
+                    log.info("http.request", **fields)

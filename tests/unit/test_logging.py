@@ -148,3 +148,38 @@ def test_key_value_secrets_in_free_text_are_redacted() -> None:
     for secret in ("hunter2", "abc123", "zzz9"):
         assert secret not in text
     assert "host=db" in text and "user=bob" in text
+
+
+_FAST_SCRIPT = textwrap.dedent(
+    f"""
+    import logging, structlog
+    from worker.logging import configure_logging, get_logger, write_json_line
+    configure_logging("INFO")
+    fields = dict(method="POST", route="/api/sessions", status=200, duration_ms=1.5,
+                  account_id=None, note="token {TOKEN}")
+    with structlog.contextvars.bound_contextvars(request_id="req-1"):
+        get_logger("api.access").info("http.request", **fields)
+        assert write_json_line("api.access", "http.request", fields)
+        logging.getLogger().addHandler(logging.NullHandler())  # someone else listens
+        assert not write_json_line("api.access", "http.request", fields)
+    """
+)
+
+
+def test_the_fast_json_line_is_the_structlog_line() -> None:
+    """The access log's direct write renders what structlog would (same keys and
+    values, the bound context, secrets redacted), and steps aside when another handler
+    listens (a test's capture) so nothing is missed."""
+    result = subprocess.run(
+        [sys.executable, "-c", _FAST_SCRIPT],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    slow, fast = (json.loads(line) for line in result.stderr.splitlines() if line.strip())
+    assert slow.pop("timestamp")[:10] == fast.pop("timestamp")[:10]
+    assert slow == fast
+    assert fast["request_id"] == "req-1" and fast["note"] == f"token {REDACTED}"
+    assert TOKEN not in result.stderr
