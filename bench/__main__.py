@@ -25,6 +25,7 @@ from bench.common import ROOT, SIZES, Context, Mode, Result
 
 NAMES = (
     "create",
+    "dispatch",
     "orchestrate",
     "sweep",
     "diff",

@@ -49,6 +49,7 @@ class Sizes:
     memory_sessions: int
     memory_wave: int
     commands_per_round: int = 100
+    dispatch_requests: int = 100  # per round at c=1 (x4 at c=8)
 
 
 SIZES: dict[Mode, Sizes] = {
@@ -86,6 +87,7 @@ SIZES: dict[Mode, Sizes] = {
         memory_sessions=40,
         memory_wave=20,
         commands_per_round=30,
+        dispatch_requests=25,
     ),
     "tiny": Sizes(
         rounds=2,
@@ -104,6 +106,7 @@ SIZES: dict[Mode, Sizes] = {
         memory_sessions=20,
         memory_wave=10,
         commands_per_round=10,
+        dispatch_requests=5,
     ),
 }
 
@@ -175,7 +178,10 @@ def _round(value: Any) -> Any:
     return value
 
 
-def check(value: float, target: str) -> bool:
+def check(value: float, target: str) -> bool | None:
+    """Whether ``value`` meets ``target`` (``">= 0.5"`` …); None for ``"none"``."""
+    if target == "none":
+        return None
     op, _, number = target.partition(" ")
     limit = float(number)
     return {
@@ -496,15 +502,24 @@ def api_process(servers: Servers, work: Path, workers: int) -> Iterator[tuple[st
         proc.stop()
 
 
-def start_worker(servers: Servers, work: Path, concurrency: int, name: str = "worker") -> Proc:
+def start_worker(
+    servers: Servers,
+    work: Path,
+    concurrency: int,
+    name: str = "worker",
+    args: tuple[str, ...] = (),
+    **env: str,
+) -> Proc:
     """The real worker (``lifecycle worker``, prefork) with the no-op provider set, also
-    loading the ``bench.noop`` task; returns once it answers a ping."""
+    loading the ``bench.noop`` task; returns once it answers a ping. ``args``: more
+    worker options; ``env``: more environment (``BENCH_RECEIPTS``: see
+    ``bench/celery_noop.py``)."""
     from tests.support.processes import worker_args
 
     proc = Proc(
         name,
-        worker_args(concurrency, "--include", "bench.celery_noop"),
-        servers.env(LIFECYCLE_PROVIDER_SET="noop"),
+        worker_args(concurrency, "--include", "bench.celery_noop", *args),
+        servers.env(LIFECYCLE_PROVIDER_SET="noop", **env),
         work / "logs",
     )
     app = celery_app()
