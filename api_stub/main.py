@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
-from api_stub import docs, errors
+from api_stub import docs, errors, fast_lane
 from api_stub.access_log import AccessLog
 from api_stub.routes import (
     chats,
@@ -29,6 +30,14 @@ from worker.providers.registry import build_repo_host
 from worker.services.outbox import BackgroundPublisher
 
 
+class LifecycleApi(FastAPI):
+    """The FastAPI app, with the create route's fast lane in front (``fast_lane``)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not await fast_lane.dispatch(self, scope, receive, send):
+            await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
@@ -45,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # left behind is the relay's, after the claim expires).
         app.state.background_publisher.close(timeout=5.0)
 
-    app = FastAPI(
+    app = LifecycleApi(
         lifespan=lifespan,
         title="Session Lifecycle Worker API",
         version="0.1.0",
@@ -75,4 +84,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(metrics.router)
     docs.install(app)
+    fast_lane.install(app, sessions.router, sessions.create_session)
     return app
