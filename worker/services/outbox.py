@@ -146,6 +146,23 @@ def publish_rows(
     return _send(factory, rows, publisher)
 
 
+#: Marks the records ``{"ids": [...]}`` published, in the caller's transaction.
+MARK_PUBLISHED = _MARK.values(published_at=func.now(), claimed_until=None)
+
+
+def publish_rows_unmarked(
+    factory: sessionmaker[Session],
+    rows: Iterable[OutboxRow],
+    publisher: Publisher,
+) -> list[int]:
+    """:func:`publish_rows` without the marking: the ids the broker took, for a caller
+    with a transaction of its own coming anyway to mark them in it
+    (:data:`MARK_PUBLISHED`). Until then they stay claimed; left unmarked, the relay
+    publishes them again after the claim (a duplicate delivery, which runs skip)."""
+    published, _ = _publish_records(factory, list(rows), publisher)
+    return published
+
+
 def relay(
     factory: sessionmaker[Session],
     publisher: Publisher,
