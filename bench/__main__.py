@@ -33,6 +33,7 @@ NAMES = (
     "snapshot_s3",
     "memory",
     "commands",
+    "time_to_active",
 )
 DEFAULT_OUTPUT = ROOT / "bench" / "results.json"
 

@@ -10,6 +10,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import select, text
 
 from tests.support.factories import make_account
@@ -121,6 +122,43 @@ def test_the_jobs_are_published_to_their_queues_and_marked(
         q: sorted(j.payload["task_id"] for j in jobs if j.queue == q)
         for q in (HOST_QUEUE, DEFAULT_QUEUE)
     }
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_every_batch_is_marked_published(
+    db_clean: dict[str, str], redis_client: Any, batch: int
+) -> None:
+    """Each batch's jobs are marked in the next batch's transaction, the last batch's in
+    one of its own (batch 3: the last batch is full, the next finds nothing)."""
+    from worker.config import get_settings
+
+    due = _seed()
+    settings = get_settings().model_copy(update={"sweep_batch_size": batch})
+    assert hibernate_idle(make_service(settings, publish=True)) == {"queued": 3}
+    jobs = _check_records(due)
+    assert all(j.published_at is not None and j.claimed_until is None for j in jobs)
+    queued = [
+        json.loads(raw)["headers"]["id"]
+        for queue in (HOST_QUEUE, DEFAULT_QUEUE)
+        for raw in redis_client.lrange(queue, 0, -1)  # type: ignore[attr-defined]
+    ]
+    assert sorted(queued) == sorted(j.payload["task_id"] for j in jobs)
+
+
+def test_jobs_the_broker_refused_are_released_for_the_relay(db_clean: dict[str, str]) -> None:
+    """Refused: released at once with the error, never marked published."""
+
+    def refuse(task: str, kwargs: dict[str, Any], task_id: str, queue: str | None) -> None:
+        raise ConnectionError("broker down")
+
+    due = _seed()
+    svc = make_service(publish=False)
+    svc.publisher = refuse
+    assert hibernate_idle(svc) == {"queued": 3}
+    run_rows, jobs = _records()
+    assert {r.session_id for r in run_rows} == set(due) and len(jobs) == 3
+    assert all(j.published_at is None for j in jobs)
+    assert any(j.claimed_until is None and "broker down" in (j.last_error or "") for j in jobs)
 
 
 def test_an_idle_sweep_logs_at_debug_and_a_busy_one_at_info(

@@ -140,6 +140,48 @@ def test_event_type_filters(
     assert sql("SELECT count(*) FROM webhook_deliveries")[0][0] == 3
 
 
+def test_runs_inserted_in_one_statement_each_get_their_event_and_deliveries(
+    client: TestClient, caller: Caller, allow_private: Settings, receiver: Receiver, svc: Any
+) -> None:
+    """The sweep inserts all its runs in one statement (migration 0014: the run event and
+    the fan-out run once per statement): still one event per run, in the runs' order,
+    and one delivery with its outbox job per matching webhook and event, in event order."""
+    from worker.services import sweeps
+
+    sweep_hook = _hook(client, caller, receiver.url, eventTypes=["sweep.*"])["webhook"]
+    all_hook = _hook(client, caller, receiver.url)["webhook"]
+    sids = [create(client, caller)["session"]["id"] for _ in range(3)]
+    sql_exec(
+        "UPDATE sessions SET lifecycle_state = 'active', hibernate_after = now() - interval '1 s'"
+        " WHERE id = ANY(CAST(:ids AS uuid[]))",
+        ids=sids,
+    )
+    sql_exec("DELETE FROM lifecycle_runs WHERE session_id = ANY(CAST(:ids AS uuid[]))", ids=sids)
+    before = sql("SELECT coalesce(max(id), 0) FROM events")[0][0]
+    assert sweeps.hibernate_idle(svc) == {"queued": 3}
+
+    runs = sql(
+        "SELECT r.id, r.session_id, e.id AS event_id, e.type, e.user_id, e.reason"
+        " FROM lifecycle_runs r JOIN events e ON e.run_id = r.id AND e.id > :b"
+        " WHERE r.trigger = 'sweep' ORDER BY e.id",
+        b=before,
+    )
+    assert sorted(str(r.session_id) for r in runs) == sorted(sids)
+    assert {r.type for r in runs} == {"sweep.hibernate"}
+    assert all(r.user_id is not None and r.reason.startswith("idle for") for r in runs)
+    event_ids = [r.event_id for r in runs]
+    for hook in (sweep_hook, all_hook):
+        got = sql(
+            "SELECT d.event_id, o.payload FROM webhook_deliveries d"
+            " JOIN outbox o ON o.task_name = 'lifecycle.webhook_deliver'"
+            "  AND (o.payload -> 'kwargs' ->> 'delivery_id')::bigint = d.id"
+            " WHERE d.webhook_id = :w AND d.event_id > :b ORDER BY d.id",
+            w=hook["id"],
+            b=before,
+        )
+        assert [g.event_id for g in got] == event_ids
+
+
 @pytest.mark.parametrize(
     "url",
     [

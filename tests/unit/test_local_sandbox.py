@@ -210,6 +210,54 @@ def test_clone_environment_reaches_git_and_errors_hide_it(
     assert leftovers(sandboxes) == []
 
 
+def test_the_clone_is_configured_for_its_branch_and_nothing_else(
+    sandboxes: LocalSandboxProvider, repo: RepoInfo, branch: BranchInfo
+) -> None:
+    """The settings start_from_clone writes into the new repository's config (one write,
+    not a git process each): exactly these, as git reads them back."""
+    sandboxes.start_from_clone("sess-c", repo.clone_url, branch.name)
+    work = sandboxes.workdir("sess-c")
+    listed = git(
+        "config", "--local", "--list", cwd=work, env={"GIT_CONFIG_NOSYSTEM": "1"}
+    ).splitlines()
+    ours = [line for line in listed if not line.startswith("core.")]
+    assert ours == [
+        "user.name=Sandbox Agent",
+        "user.email=agent@sandbox.local",
+        f"remote.origin.url={repo.clone_url}",
+        "remote.origin.tagopt=--no-tags",
+        "remote.origin.fetch=+refs/heads/session/s1:refs/remotes/origin/session/s1",
+        "remote.origin.fetch=+refs/heads/main:refs/remotes/origin/main",
+        "branch.session/s1.remote=origin",
+        "branch.session/s1.merge=refs/heads/session/s1",
+    ]
+    # The fetched objects stay one pack (no loose object per file).
+    objects = work / ".git" / "objects"
+    assert list(objects.glob("pack/*.pack"))
+    assert not [p for p in objects.glob("??/*")]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['say "hi"', "back\\slash\\", "semi;colon #hash", " spaces ", "[section]", "a\\n"],
+)
+def test_git_config_text_reads_back_as_written(tmp_path: Path, value: str) -> None:
+    from worker.providers.git import git_config_text
+
+    path = tmp_path / "config"
+    path.write_text(git_config_text({("remote", value): [("url", value)], ("user", None): []}))
+    listed = git("config", "--file", str(path), "--null", "--list", cwd=tmp_path)
+    assert listed.split("\0")[0] == f"remote.{value}.url\n{value}"
+
+
+@pytest.mark.parametrize("value", ["line\nbreak", "nul\x00", "cr\r", "tab\there"])
+def test_git_config_text_refuses_control_characters(value: str) -> None:
+    from worker.providers.git import git_config_text
+
+    with pytest.raises(PermanentProviderError, match="control character"):
+        git_config_text({("remote", "origin"): [("url", value)]})
+
+
 def test_start_from_snapshot_restores_and_reuses(
     sandboxes: LocalSandboxProvider, repo: RepoInfo, branch: BranchInfo, tmp_path: Path
 ) -> None:

@@ -443,9 +443,15 @@ WHERE s.lifecycle_state = 'active'
     AND {DUE_RULE.format(guard=":guard")}
     AND s.lifecycle_run_id IS NULL
     AND {_NO_ACTIVE_STREAM}
+    -- OFFSET 0 keeps this a per-candidate probe of ix_lifecycle_runs_open: as an anti
+    -- join, with statistics that predate the sweep's own runs (a few open runs), the
+    -- planner materialised every open run and compared each candidate with all of
+    -- them, so each batch rescanned the ones before it (91 ms for the fifth batch of
+    -- 200, against 4 ms probing).
     AND NOT EXISTS (
         SELECT 1 FROM lifecycle_runs AS r
         WHERE r.session_id = s.id AND r.state IN ('pending', 'queued', 'running')
+        OFFSET 0
     )
 ORDER BY least(s.hibernate_after, s.sandbox_expires_at)
 LIMIT :batch

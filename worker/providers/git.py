@@ -39,6 +39,7 @@ __all__ = [
     "SAFE_GIT_CONFIG",
     "GitResult",
     "classify_git_failure",
+    "git_config_text",
     "git_env",
     "redact",
     "run_git",
@@ -173,12 +174,40 @@ def validate_branch_name(branch: str) -> str:
         or any(ord(ch) < 32 or ord(ch) == 127 for ch in branch)
     ):
         raise PermanentProviderError(f"invalid branch name {branch!r}")
-    result = run_git(
-        ["check-ref-format", f"refs/heads/{branch}"], action="check-ref-format", check=False
-    )
-    if result.returncode != 0:
+    if not _valid_ref(f"refs/heads/{branch}"):
         raise PermanentProviderError(f"invalid branch name {branch!r}")
     return branch
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_ref(ref: str) -> bool:
+    """``git check-ref-format`` of ``ref`` (a process; its answer never changes, so each
+    name is asked once per process: a start checked the same two names every time)."""
+    result = run_git(["check-ref-format", ref], action="check-ref-format", check=False)
+    return result.returncode == 0
+
+
+def git_config_text(sections: Mapping[tuple[str, str | None], Sequence[tuple[str, str]]]) -> str:
+    """Sections of a git config file: ``{(section, subsection or None): [(key, value)]}``,
+    every value and subsection quoted and escaped as git's config syntax reads them (a
+    backslash or double quote escaped; control characters refused, so nothing can end a
+    line and start another setting)."""
+
+    def quoted(text: str) -> str:
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+            raise PermanentProviderError(f"control character in git config value {text!r}")
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = []
+    for (section, subsection), entries in sections.items():
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", section):
+            raise ValueError(f"bad git config section {section!r}")
+        lines.append(f"[{section}]" if subsection is None else f"[{section} {quoted(subsection)}]")
+        for key, value in entries:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", key):
+                raise ValueError(f"bad git config key {key!r}")
+            lines.append(f"\t{key} = {quoted(value)}")
+    return "".join(f"{line}\n" for line in lines)
 
 
 # ------------------------------------------------------------------- the runner

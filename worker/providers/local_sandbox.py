@@ -32,7 +32,12 @@ from worker.providers.base import (
     SandboxInfo,
     SnapshotStore,
 )
-from worker.providers.git import run_git, strip_url_credentials, validate_branch_name
+from worker.providers.git import (
+    git_config_text,
+    run_git,
+    strip_url_credentials,
+    validate_branch_name,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -136,22 +141,43 @@ class LocalSandboxProvider:
                 ["init", "--quiet", "--template=", f"--initial-branch={branch}", str(tmp)],
                 action="init",
             )
-            for setting in (
-                ["user.name", self._git_user_name],
-                ["user.email", self._git_user_email],
-                ["remote.origin.url", plain_url],
-                ["remote.origin.tagOpt", "--no-tags"],
-                [f"branch.{branch}.remote", "origin"],
-                [f"branch.{branch}.merge", f"refs/heads/{branch}"],
-            ):
-                run_git(["-C", str(tmp), "config", *setting], action="config")
-            for spec in refspecs:
-                run_git(
-                    ["-C", str(tmp), "config", "--add", "remote.origin.fetch", spec],
-                    action="config",
+            # The settings in one write instead of a `git config` process each (eight
+            # processes were a third of a small workspace's start).
+            with open(tmp / ".git" / "config", "a", encoding="utf-8") as config:
+                config.write(
+                    git_config_text(
+                        {
+                            ("user", None): [
+                                ("name", self._git_user_name),
+                                ("email", self._git_user_email),
+                            ],
+                            ("remote", "origin"): [
+                                ("url", plain_url),
+                                ("tagOpt", "--no-tags"),
+                                *(("fetch", spec) for spec in refspecs),
+                            ],
+                            ("branch", branch): [
+                                ("remote", "origin"),
+                                ("merge", f"refs/heads/{branch}"),
+                            ],
+                        }
+                    )
                 )
             run_git(
-                ["-C", str(tmp), "fetch", "--quiet", "--no-tags", "--", clone_url, *refspecs],
+                [
+                    "-C",
+                    str(tmp),
+                    # Keep the fetched pack as it came instead of exploding a small one
+                    # into a loose object file each (what git does below 100 objects).
+                    "-c",
+                    "fetch.unpackLimit=1",
+                    "fetch",
+                    "--quiet",
+                    "--no-tags",
+                    "--",
+                    clone_url,
+                    *refspecs,
+                ],
                 action=f"clone of branch {branch!r}",
                 extra_env=env,
                 secrets=secrets,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import BigInteger, any_, bindparam, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.db import statements
@@ -59,6 +60,16 @@ class RelayResult:
     failed: int = 0
 
 
+# The records as one array parameter: one statement text whatever their number (prepared
+# once), where ``IN (…)`` rendered one placeholder per id, a new statement per count.
+# Nothing to synchronize: no session of ours holds these records.
+_MARK = (
+    update(OutboxRecord)
+    .where(OutboxRecord.id == any_(bindparam("ids", type_=ARRAY(BigInteger))))
+    .execution_options(synchronize_session=False)
+)
+
+
 def _mark(factory: sessionmaker[Session], ids: list[int], **values: Any) -> None:
     """Best effort: a record left unmarked is published again by the relay, and a
     duplicate delivery is harmless (tasks are idempotent)."""
@@ -66,7 +77,7 @@ def _mark(factory: sessionmaker[Session], ids: list[int], **values: Any) -> None
         return
     try:
         with factory.begin() as db:
-            db.execute(update(OutboxRecord).where(OutboxRecord.id.in_(ids)).values(**values))
+            db.execute(_MARK.values(**values), {"ids": ids})
     except Exception as exc:  # the database went away after the publish
         log.warning("outbox.mark_failed", records=len(ids), error=type(exc).__name__)
 
@@ -133,6 +144,23 @@ def publish_rows(
     """Publish outbox rows the caller just committed (and claimed), given as
     ``(id, task_name, payload, queue)`` tuples: for callers that insert with Core."""
     return _send(factory, rows, publisher)
+
+
+#: Marks the records ``{"ids": [...]}`` published, in the caller's transaction.
+MARK_PUBLISHED = _MARK.values(published_at=func.now(), claimed_until=None)
+
+
+def publish_rows_unmarked(
+    factory: sessionmaker[Session],
+    rows: Iterable[OutboxRow],
+    publisher: Publisher,
+) -> list[int]:
+    """:func:`publish_rows` without the marking: the ids the broker took, for a caller
+    with a transaction of its own coming anyway to mark them in it
+    (:data:`MARK_PUBLISHED`). Until then they stay claimed; left unmarked, the relay
+    publishes them again after the claim (a duplicate delivery, which runs skip)."""
+    published, _ = _publish_records(factory, list(rows), publisher)
+    return published
 
 
 def relay(
