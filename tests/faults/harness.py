@@ -132,8 +132,10 @@ class Cluster:
         self.procs[name] = proc
         return proc
 
-    def start_api(self) -> None:
-        self._spawn("api", ["api", "--port", str(self.port)])
+    def start_api(self, workers: int = 1) -> None:
+        """``lifecycle api``; with ``workers`` > 1 a uvicorn parent and its worker
+        processes, one process group (``kill("api")`` takes them all)."""
+        self._spawn("api", ["api", "--port", str(self.port), "--workers", str(workers)])
         wait_for(self._api_up, timeout=60, interval=0.2, what="the API to answer /healthz")
 
     def _api_up(self) -> bool:
@@ -386,10 +388,18 @@ class Api:
         return response
 
     def create(
-        self, caller: Caller, *, deadline: float, on_first: Callable[[int | None], None] | None
+        self,
+        caller: Caller,
+        *,
+        deadline: float,
+        on_first: Callable[[int | None], None] | None,
+        attempts: list[tuple[float, int | None]] | None = None,
     ) -> dict[str, Any] | None:
         """POST /api/sessions with an Idempotency-Key, retried (same key) until answered
-        200 or the deadline: the session, or None if it was never answered."""
+        200 or the deadline: the session, or None if it was never answered. A transport
+        error (the connection refused or reset: the API is down or was killed mid-request)
+        is retried like a 503. ``attempts`` collects (monotonic time, status or None for a
+        transport error) of every try."""
         key = str(uuid.uuid4())
         first = True
         delay = 0.1
@@ -397,6 +407,8 @@ class Api:
             r = self.request(
                 "POST", "/api/sessions", caller, json={}, headers={"Idempotency-Key": key}
             )
+            if attempts is not None:
+                attempts.append((time.monotonic(), None if r is None else r.status_code))
             if first and on_first is not None:
                 on_first(None if r is None else r.status_code)
             first = False
@@ -444,6 +456,8 @@ class Driver:
         self.create_futures: list[Future[None]] = []
         self.unanswered_creates = 0
         self.first_statuses: list[tuple[float, int | None]] = []
+        # Every try of each answered create, by session id (see Api.create).
+        self.create_attempts: dict[str, list[tuple[float, int | None]]] = {}
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="driver", daemon=True)
         self._feeders: list[threading.Thread] = []
@@ -469,12 +483,16 @@ class Driver:
             with self.lock:
                 self.first_statuses.append((time.monotonic(), status))
 
-        session = self.api.create(caller, deadline=time.monotonic() + bound, on_first=first)
+        tries: list[tuple[float, int | None]] = []
+        session = self.api.create(
+            caller, deadline=time.monotonic() + bound, on_first=first, attempts=tries
+        )
         with self.lock:
             if session is None:
                 self.unanswered_creates += 1
                 return
             sid = session["id"]
+            self.create_attempts[sid] = tries
             self.owner[sid] = caller
             self.step.setdefault(sid, 0)
             self.min_version.setdefault(sid, 0)

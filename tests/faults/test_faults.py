@@ -7,7 +7,8 @@ HTTP, and ends with one line of figures::
 
     scenario=<name> sessions=N target_reached=N lost=N duplicated=N version_regressions=N stuck=N …
 
-- **sessions**: creates answered 200 (clients retry a 503 with the same Idempotency-Key).
+- **sessions**: creates answered 200 (clients retry a 503, or a connection refused or
+  reset, with the same Idempotency-Key).
 - **lost**: an answered create whose row is missing, or whose session rests short of its
   target with nothing left that would move it (a dropped job).
 - **duplicated**: side effects beyond one: repositories beyond one per account, branches
@@ -96,14 +97,15 @@ class Run:
 
 
 @contextmanager
-def running(cluster: Cluster, plan: Plan) -> Iterator[Run]:
-    """Observer + driver around a started cluster; threads halted on the way out."""
+def running(cluster: Cluster, plan: Plan, *, clients: int = 6) -> Iterator[Run]:
+    """Observer + driver (``clients`` requests at once at most) around a started
+    cluster; threads halted on the way out."""
     engine = make_engine(cluster.database_url)
     callers = make_callers(engine, ACCOUNTS, cluster.root.name)
     observer = Observer(engine)
     stats = HttpStats()
     api = Api(cluster.base_url, stats)
-    driver = Driver(api, callers, observer, plan)
+    driver = Driver(api, callers, observer, plan, workers=clients)
     observer.start()
     driver.start()
     try:
@@ -541,3 +543,124 @@ def test_duplicate_and_out_of_order_deliveries(make_cluster: MakeCluster, varian
     fig.must_be_zero.append("kinds_not_replayed")
     fig.report()
     fig.check()
+
+
+# --------------------------------------------------------------------------- 6
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_api_sigkill(make_cluster: MakeCluster, variant: str) -> None:
+    """SIGKILL the API (the uvicorn parent and its two workers) at random moments while
+    clients create sessions, several at once, and restart it each time. Clients retry a
+    refused or reset connection with the same Idempotency-Key. A create committed by a
+    killed API is answered by the replay, and its provision job, which the killed
+    process's publisher never sent, is published by the outbox relay once the row's claim
+    (``CLAIM_SECONDS``) expires: every answered session gets to ``active``, once.
+
+    The lease is longer than the whole run here (as in production, 15 min against the
+    30 s claim): otherwise the reaper would re-publish the stranded queued runs after one
+    lease, before the relay, and a relay that drops rows would go unnoticed."""
+    from worker.db.statements import CLAIM_SECONDS
+
+    kills = sized(10, 3, variant)
+    burst = 16  # creates sent together before each kill: in flight when it lands
+    trickle = sized(100, 20, variant)  # and a steady trickle around them
+    cluster = make_cluster("api-sigkill", {**BASE_ENV, "LIFECYCLE_LEASE_SECONDS": "300"})
+    cluster.start_api(workers=2)
+    cluster.start_worker()
+    cluster.start_beat()
+    rng = random.Random()
+    killed_at: list[tuple[float, Any]] = []  # (monotonic just before, database time after)
+    aimed = 0
+    with running(cluster, [("active", None)], clients=burst) as run:
+        run.driver.create_async(trickle, pace=kills * 2.5 / trickle)
+        since = _db_now(run.engine)
+        for _ in range(kills):  # bounded: a fixed number of kills
+            time.sleep(rng.uniform(0.5, 2.0))
+            run.driver.create_async(burst, pace=0.0)
+            # A random moment inside the burst (before a commit, between a commit and
+            # its answer, between an answer and the publish, or after), then aim at one
+            # when a committed job is not yet marked published (a bounded wait).
+            time.sleep(rng.uniform(0.0, 0.1))
+            aimed += _wait_unmarked(run.engine, since, timeout=2.0)
+            before = time.monotonic()
+            cluster.kill("api")
+            killed_at.append((before, _db_now(run.engine)))
+            time.sleep(rng.uniform(0.0, 1.0))
+            cluster.start_api(workers=2)
+            since = _db_now(run.engine)
+        run.driver.wait_done(timeout=CLAIM_SECONDS + 120 + (trickle + kills * burst) * 0.5)
+        # The relay also publishes the rows a killed publisher sent but never marked (a
+        # duplicate delivery, which the worker skips): wait for the outbox to empty.
+        poll(lambda: _outbox_unpublished(run.engine) == 0, timeout=CLAIM_SECONDS + 30)
+        unpublished = _outbox_unpublished(run.engine)
+        fig = finish(run, "api_sigkill", "active", kills=cluster.kills, kills_mid_create=aimed)
+        relay = _relayed_provisions(run.engine)
+        created = _created_at(run.engine)
+    attempts = run.driver.create_attempts
+    reset = {sid for sid, tries in attempts.items() if any(s is None for _, s in tries)}
+    replayed = set()
+    for sid in reset:
+        first_error = next(t for t, s in attempts[sid] if s is None)
+        # The kill that failed this create's first try: was the session committed by
+        # the killed process (answered only by the replay after the restart)?
+        before_kill = [db for mono, db in killed_at if mono <= first_error]
+        if before_kill and sid in created and created[sid] < before_kill[-1]:
+            replayed.add(sid)
+    relay_only = {sid for sid, only in relay.items() if only}
+    fig.extra.update(
+        transport_errors=run.stats.transport_errors,
+        creates_retried=len(reset),
+        replayed_after_kill=len(replayed),  # committed, killed before the answer
+        relay_published=len(relay),  # provision jobs the relay published (attempts > 0)
+        relay_only=len(relay_only),  # ... that the API's publisher never sent
+        answered_unpublished=len(relay_only - replayed),  # killed between answer and publish
+        outbox_unpublished=unpublished,
+    )
+    fig.must_be_zero += ["creates_unanswered", "outbox_unpublished"]
+    fig.report()
+    fig.check()
+    assert fig.extra["relay_published"] > 0, "no kill landed between a commit and its publish"
+
+
+def _wait_unmarked(engine: Engine, since: Any, timeout: float) -> bool:
+    """Wait (bounded) until a job written after ``since`` (by the API running now, not
+    one a killed API left claimed) is committed but not yet marked published."""
+    query = text(
+        "SELECT 1 FROM outbox WHERE published_at IS NULL AND attempts = 0"
+        " AND created_at > :since LIMIT 1"
+    )
+    return _row_appears(engine, query, {"since": since}, timeout)
+
+
+def _outbox_unpublished(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            ).scalar_one()
+        )
+
+
+def _created_at(engine: Engine) -> dict[str, Any]:
+    with engine.connect() as conn:
+        return dict(conn.execute(text("SELECT id::text, created_at FROM sessions")).all())
+
+
+def _relayed_provisions(engine: Engine) -> dict[str, bool]:
+    """Sessions whose provision job the relay published (the API's publisher did not mark
+    it), and whether the worker got it only from the relay: its run started in the second
+    half of the wait from the create to the relay's publish, not right after the create
+    (a row the killed publisher sent but never marked)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT r.session_id::text,"
+                " r.started_at > o.created_at + (o.published_at - o.created_at) / 2"
+                " FROM outbox o JOIN lifecycle_runs r"
+                " ON r.id = (o.payload -> 'kwargs' ->> 'run_id')::uuid"
+                " WHERE o.task_name = 'lifecycle.provision' AND o.attempts > 0"
+                " AND o.published_at IS NOT NULL"
+            )
+        ).all()
+    return {sid: bool(only) for sid, only in rows}
