@@ -44,8 +44,11 @@ def test_a_connection_in_steady_use_is_not_pinged(
 
 def test_the_process_engine_pings_only_idle_connections(db_clean: dict[str, str]) -> None:
     engine = engine_mod.get_engine()
-    assert not engine.pool._pre_ping  # not a ping per checkout ...
-    assert _backend(engine) == _backend(engine)  # ... yet pooled connections are reused
+    assert not engine.pool._pre_ping  # not a ping per checkout: ping_when_idle instead
+    assert engine_mod.ping_when_idle.__name__ in {
+        getattr(fn, "__qualname__", "").split(".")[0]
+        for fn in engine.pool.dispatch.checkout  # the listener ping_when_idle installed
+    }
 
 
 def test_a_connection_dropped_while_idle_is_replaced(
