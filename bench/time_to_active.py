@@ -77,9 +77,13 @@ class Api:
     def __init__(self, host: str, port: int, key: str) -> None:
         self.conn = http.client.HTTPConnection(host, port, timeout=60)
         self.headers = {"x-api-key": key, "content-type": "application/json"}
+        self.used = time.monotonic()
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
         data = None if body is None else json.dumps(body)
+        if time.monotonic() - self.used > 2:  # the server closes idle connections (5 s)
+            self.conn.close()
+        self.used = time.monotonic()
         self.conn.request(method, path, body=data, headers=self.headers)
         resp = self.conn.getresponse()
         raw = resp.read()

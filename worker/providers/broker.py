@@ -103,9 +103,9 @@ class CeleryPublisher:
         transport stores, and all of them are pushed in one pipeline: the same bytes
         ``send_task`` writes (a test compares them) at a small part of its CPU, which
         went mostly to kombu's per-message producer machinery. The builder runs once per
-        task, queue and thread; each message fills that serialised template's slots. Elsewhere: ``send_task``
-        in a producer batch. Raises when the broker did not take them; some may have been
-        sent anyway, which only means a duplicate delivery."""
+        task, queue and thread; each message fills that serialised template's slots.
+        Elsewhere: ``send_task`` in a producer batch. Raises when the broker did not take
+        them; some may have been sent anyway, which only means a duplicate delivery."""
         self._check_up()
         try:
             if self._can_push():

@@ -163,6 +163,12 @@ def publish_rows_unmarked(
     return published
 
 
+def mark_published(factory: sessionmaker[Session], ids: list[int]) -> None:
+    """Mark published records in a transaction of their own (best effort, as after
+    :func:`publish_rows`)."""
+    _mark(factory, ids, published_at=func.now(), claimed_until=None)
+
+
 def relay(
     factory: sessionmaker[Session],
     publisher: Publisher,

@@ -213,9 +213,7 @@ def hibernate_idle(svc: LifecycleService) -> dict[str, Any]:
         queued += len(due)
         if len(due) < settings.sweep_batch_size:
             break
-    if published:
-        with svc.factory.begin() as db:
-            db.execute(outbox.MARK_PUBLISHED, {"ids": published})
+    outbox.mark_published(svc.factory, published)
     return {"queued": queued}
 
 
