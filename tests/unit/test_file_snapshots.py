@@ -383,7 +383,9 @@ def test_corruption_in_the_last_bytes_leaves_the_target_untouched(
     with pytest.raises(PermanentProviderError, match="snapshot k is corrupt: "):
         store.restore(info.url, target)
     [(staging, held)] = spy.removed
-    assert staging.parent == parent and held >= 100  # all but the last zstd block's files
+    # The files of the blocks before the damaged one (~85 a block of 128 KiB: the zstd
+    # binary holds one decoded block back until the next decodes, the library does not).
+    assert staging.parent == parent and held >= 50
     if existing:
         assert [p.name for p in parent.iterdir()] == ["target"]
         assert list(target.iterdir()) == []

@@ -351,7 +351,9 @@ class S3SnapshotStore:
         snapshot_extract.check_target(key, target)
         body = self._open(key, obj)
         try:
-            snapshot_extract.restore(key, body, target, verify=body.verify)
+            snapshot_extract.restore(
+                key, body, target, verify=body.verify, zstd_binary=self._writer.zstd_binary
+            )
         except PermanentProviderError:
             problem = body.damage()  # a damaged object: say that, not what it broke
             if problem is not None:

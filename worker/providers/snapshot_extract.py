@@ -46,7 +46,10 @@ import os
 import secrets
 import shutil
 import stat
+import subprocess
 import tarfile
+import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +58,8 @@ from typing import Any, Protocol
 import zstandard
 
 from worker.providers.base import PermanentProviderError
-from worker.providers.snapshot_archive import COPY_CHUNK, os_error, show
+from worker.providers.git import subprocess_env
+from worker.providers.snapshot_archive import COPY_CHUNK, os_error, show, widen_pipe
 
 __all__ = ["Entry", "Readable", "check_target", "restore"]
 
@@ -69,6 +73,13 @@ class Readable(Protocol):
 # Compressed bytes fed to the decompressor per call. zstd can expand input ~32768x
 # (runs of one byte), so this bounds the memory a hostile archive can make us use.
 _DECOMPRESS_INPUT_CHUNK = 2048
+
+
+# The zstd binary's decoding memory, as the library's default: windows up to 128 MiB.
+_ZSTD_MEMORY = "--memory=128MB"
+
+
+_CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class _CorruptArchive(Exception):
@@ -179,6 +190,154 @@ class _ZstdReader:
                 chunk = b""
 
 
+class _ZstdProcessReader:
+    """Decompress with the ``zstd`` binary, in a process of its own, while a thread
+    feeds it the compressed stream: reading (a download, with the store's hashing),
+    decompressing and the extraction in this thread all run at once.
+
+    The binary refuses what the library refuses (a truncated or damaged frame, a bad
+    content checksum, data that is not a frame) by its exit status, read at the end of
+    the stream; its memory is bounded the same way (``--memory``). It runs with the
+    allow-listed environment and only ever sees the stream, on its standard input.
+    Records, like :class:`_ZstdReader`, where the last non-zero byte of the
+    decompressed stream ends. A failure to read the compressed stream is raised as
+    itself, as :class:`_ZstdReader` would let it pass."""
+
+    def __init__(self, raw: Readable, binary: str) -> None:
+        self._raw = raw
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 -- closed in close()
+        try:
+            self._proc = subprocess.Popen(
+                [binary, "-d", "-q", "-c", _ZSTD_MEMORY],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._err,
+                env=subprocess_env(),
+                bufsize=0,
+            )
+        except BaseException:
+            self._err.close()
+            raise
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._stdin = self._proc.stdin
+        self._stdout = self._proc.stdout
+        widen_pipe(self._stdin)
+        widen_pipe(self._stdout)
+        self._fed = 0
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._feed, name="snapshot-feed", daemon=True)
+        self._thread.start()
+        self._buf = b""
+        self._off = 0
+        self._pos = 0
+        self._produced = 0
+        self._finished = False
+        self.last_nonzero_end = 0
+
+    def _feed(self) -> None:
+        fd = self._stdin.fileno()
+        try:
+            while chunk := self._raw.read(COPY_CHUNK):
+                self._fed += len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+        except BrokenPipeError:
+            pass  # zstd stopped (its exit status says why) or the reader closed it
+        except BaseException as exc:
+            self._failure.append(exc)
+        finally:
+            with contextlib.suppress(OSError):
+                self._stdin.close()
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size < 0:
+            parts = [self._buf[self._off :]]
+            self._buf, self._off = b"", 0
+            while self._fill():
+                parts.append(self._buf)
+                self._buf = b""
+            out = b"".join(parts)
+        else:
+            if self._off >= len(self._buf) and not self._fill():
+                return b""
+            out = self._buf[self._off : self._off + size]
+            self._off += len(out)
+        self._pos += len(out)
+        return out
+
+    def write(self, _data: bytes, /) -> int:
+        raise OSError(errno.EBADF, "snapshot reader is read-only")
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, /) -> int:
+        if pos != self._pos:
+            raise OSError(errno.ESPIPE, "snapshot reader cannot seek")
+        return pos
+
+    def drain(self) -> None:
+        """Read (and check) the rest of the stream."""
+        self._buf, self._off = b"", 0
+        while self._fill():
+            pass
+
+    def close(self) -> None:
+        """Stop zstd and the feeding thread (at once if the stream was not read to its
+        end: the extraction failed)."""
+        if not self._finished:
+            with contextlib.suppress(OSError):
+                self._proc.kill()
+        with contextlib.suppress(OSError):
+            self._stdout.close()
+        self._proc.wait()
+        self._thread.join()
+        self._err.close()
+
+    def _fill(self) -> bool:
+        """The next chunk of the decompressed stream into the buffer; False at its end
+        (once zstd said the whole stream was good)."""
+        if self._finished:
+            return False
+        chunk = os.read(self._stdout.fileno(), COPY_CHUNK)
+        if not chunk:
+            self._finish()
+            return False
+        stripped = len(chunk.rstrip(b"\0"))
+        if stripped:
+            self.last_nonzero_end = self._produced + stripped
+        self._produced += len(chunk)
+        self._buf, self._off = chunk, 0
+        return True
+
+    def _finish(self) -> None:
+        status = self._proc.wait()
+        self._thread.join()
+        self._finished = True
+        if self._failure:
+            raise self._failure[0]
+        if status != 0:
+            self._err.seek(0)
+            detail = self._err.read(4096).decode("utf-8", "replace")
+            raise _CorruptArchive(_zstd_problem(detail, self._fed))
+
+
+def _zstd_problem(stderr: str, fed: int) -> str:
+    """What the zstd binary's complaint says about the stream, in the library's words."""
+    if not fed:
+        return "it is empty"
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    detail = (
+        show(lines[0].removeprefix("zstd:").replace("/*stdin*\\:", "").strip(), 120)
+        if lines
+        else ""
+    )
+    if "unexpected end of file" in stderr or "premature end" in stderr:
+        return "it is truncated (incomplete zstd frame)"
+    return f"it is not valid zstd data ({detail or 'zstd failed'})"
+
+
 def _normalize(name: str) -> list[str] | None:
     """Path components of a member name, or None if it is absolute or has ``..``."""
     if name.startswith("/"):
@@ -205,6 +364,7 @@ def restore(
     target: Path,
     *,
     verify: Callable[[], None] | None = None,
+    zstd_binary: str | None = None,
 ) -> None:
     """Extract the archive ``fh`` into ``target`` (missing or an empty directory, see
     :func:`check_target`) in one pass, through a staging directory beside it.
@@ -212,7 +372,11 @@ def restore(
     ``verify`` runs once the stream has ended, every member passed and every file and
     directory is written, before any link is made (a store's check of the whole
     stream, e.g. its SHA-256). Only then is the staging directory renamed onto
-    ``target``; on any failure it is removed and ``target`` is left as it was found."""
+    ``target``; on any failure it is removed and ``target`` is left as it was found.
+
+    With ``zstd_binary`` the stream is decompressed by that program while a thread
+    reads ``fh`` (:class:`_ZstdProcessReader`; ``fh`` is read, and ``verify`` called,
+    by one thread at a time); without, by the ``zstandard`` library in this thread."""
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +384,7 @@ def restore(
     except OSError as exc:
         raise os_error(f"cannot restore snapshot {key}", exc) from None
     try:
-        has_root = _extract(key, fh, staging, verify)
+        has_root = _extract(key, fh, staging, verify, zstd_binary)
         if not has_root:
             # No ``.`` member: the directory keeps the mode it has (an existing target)
             # or would have been made with (a missing one), as if extracted in place.
@@ -337,6 +501,7 @@ def _extract(  # noqa: C901 -- one branch per way the stream can fail
     fh: Readable,
     staging: Path,
     verify: Callable[[], None] | None,
+    zstd_binary: str | None,
 ) -> bool:
     """The single pass into ``staging``: each member checked as it arrives (by the
     rules of :func:`_check_member`, against every member before it), files and
@@ -344,7 +509,11 @@ def _extract(  # noqa: C901 -- one branch per way the stream can fail
     checked, ``verify``, the links, directory permissions and times last. Returns
     whether the archive had a member for the directory itself."""
     root = str(staging)
-    reader = _ZstdReader(fh)
+    reader: _ZstdReader | _ZstdProcessReader
+    try:
+        reader = _ZstdProcessReader(fh, zstd_binary) if zstd_binary else _ZstdReader(fh)
+    except OSError as exc:
+        raise os_error(f"cannot restore snapshot {key}: cannot start zstd", exc) from None
     kinds: dict[str, str] = {}
     links: list[Entry] = []
     dirs: list[tuple[str, Entry]] = []
@@ -366,6 +535,8 @@ def _extract(  # noqa: C901 -- one branch per way the stream can fail
     except (tarfile.TarError, EOFError, OSError, ValueError, zstandard.ZstdError) as exc:
         # Writes report their own OSErrors (_restore_member): these come from reading.
         raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+    finally:
+        reader.close()
     if reader.last_nonzero_end > end:
         raise PermanentProviderError(
             f"snapshot {key} is corrupt: unreadable data after member {count}"
@@ -466,19 +637,42 @@ def _extract_one(
     parent, _, base = entry.name.rpartition("/")
     path = os.path.join(_make_dirs(root, parent, made), base)
     if entry.kind == "file":
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o600)
-        with os.fdopen(fd, "wb", buffering=0) as out:
-            data = tf.extractfile(member) if tf is not None and member is not None else None
-            if data is not None:
-                shutil.copyfileobj(data, out, COPY_CHUNK)
+        fd = os.open(path, _CREATE_FILE, 0o600)
+        try:
+            if tf is not None and member is not None:
+                _write_data(tf, member, fd)
             os.fchmod(fd, entry.mode)
             os.utime(fd, (entry.mtime, entry.mtime))
+        finally:
+            os.close(fd)
     elif entry.kind == "symlink":
         os.symlink(entry.link, path)  # never follows: the link itself is created
         os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
     else:  # hardlink, symhardlink: link the member itself, not what it points at
         os.link(os.path.join(root, entry.link), path, follow_symlinks=False)
+
+
+def _write_data(tf: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> None:
+    """A regular member's data into ``fd``: read straight from the archive stream,
+    where the member's header left it (tarfile skips the padding before the next
+    header); a sparse member through tarfile's reader, which fills in its holes."""
+    if member.sparse is not None:
+        data = tf.extractfile(member)
+        if data is not None:
+            with os.fdopen(os.dup(fd), "wb", buffering=0) as out:
+                shutil.copyfileobj(data, out, COPY_CHUNK)
+        return
+    stream = tf.fileobj
+    assert stream is not None
+    left = member.size
+    while left > 0:
+        chunk = stream.read(min(left, COPY_CHUNK))
+        if not chunk:
+            raise tarfile.ReadError("unexpected end of data")
+        left -= len(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def _make_staging(parent: Path, name: str) -> tuple[Path, int]:
