@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import queue
 import secrets
 import shutil
 import stat
@@ -50,7 +51,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -80,6 +81,17 @@ _ZSTD_MEMORY = "--memory=128MB"
 
 
 _CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# What the extracting thread hands the writing thread at once: a batch of at most
+# _WRITE_BATCH pieces (a member, or a piece of a file's data: _WRITE_PIECE at most) and
+# about _WRITE_PIECE bytes; at most _WRITE_QUEUE batches wait (~1.5 MiB in all).
+_WRITE_BATCH = 32
+_WRITE_PIECE = 256 * 1024
+_WRITE_QUEUE = 4
+
+
+# A member to write (None: the next piece of the file before), a piece of its data,
+# and whether it is the file's last piece.
+_Piece = tuple["Entry | None", bytes, bool]
 
 
 class _CorruptArchive(Exception):
@@ -519,24 +531,40 @@ def _extract(  # noqa: C901 -- one branch per way the stream can fail
     dirs: list[tuple[str, Entry]] = []
     made: set[str] = {root}  # directories known to exist (saves a mkdir per file)
     count = 0
+    writer = _Writer(key, root, made, dirs)
     try:
-        with tarfile.open(fileobj=reader, mode="r|") as tf:
-            for member in tf:
-                entry = _check_member(key, member, kinds)
-                count += 1
-                if entry.is_link:
-                    links.append(entry)  # made last: nothing is ever written through one
-                else:
-                    _restore_member(key, entry, root, made, dirs, tf, member)
-            end = tf.offset
-        reader.drain()
-    except _CorruptArchive as exc:
-        raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
-    except (tarfile.TarError, EOFError, OSError, ValueError, zstandard.ZstdError) as exc:
-        # Writes report their own OSErrors (_restore_member): these come from reading.
-        raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tf:
+                for member in tf:
+                    entry = _check_member(key, member, kinds)
+                    count += 1
+                    if entry.is_link:
+                        links.append(entry)  # made last: nothing is ever written through one
+                    elif entry.kind == "file":
+                        writer.put(entry, _pieces(tf, member))
+                    else:
+                        writer.put(entry)
+                end = tf.offset
+            reader.drain()
+        except _CorruptArchive as exc:
+            raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+        except (tarfile.TarError, EOFError, OSError, ValueError, zstandard.ZstdError) as exc:
+            # Writes report their own failures (the writer): these come from reading.
+            raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+        finally:
+            reader.close()
+        failure = writer.wait()  # every file and directory is written
+        if failure is not None:
+            raise failure
+    except Exception:
+        # The writes of the members before the failure are done first, as if written
+        # in this thread: a write that failed on one of them was the first failure.
+        earlier = writer.wait()
+        if earlier is not None:
+            raise earlier from None
+        raise
     finally:
-        reader.close()
+        writer.close()  # stopped already, unless by a BaseException
     if reader.last_nonzero_end > end:
         raise PermanentProviderError(
             f"snapshot {key} is corrupt: unreadable data after member {count}"
@@ -576,25 +604,123 @@ def _extract(  # noqa: C901 -- one branch per way the stream can fail
 
 
 def _restore_member(
-    key: str,
-    entry: Entry,
-    root: str,
-    made: set[str],
-    dirs: list[tuple[str, Entry]],
-    tf: tarfile.TarFile | None = None,
-    member: tarfile.TarInfo | None = None,
+    key: str, entry: Entry, root: str, made: set[str], dirs: list[tuple[str, Entry]]
 ) -> None:
     """:func:`_extract_one` with its failures as provider errors naming the member."""
     try:
-        _extract_one(tf, member, entry, root, dirs, made)
-    except _UnsafeOnDisk as exc:
-        raise PermanentProviderError(
+        _extract_one(entry, root, dirs, made)
+    except (_UnsafeOnDisk, OSError) as exc:
+        raise _member_failure(key, entry, exc) from None
+
+
+def _member_failure(key: str, entry: Entry, exc: BaseException) -> BaseException:
+    """A failure to write ``entry`` as a provider error naming the member."""
+    if isinstance(exc, _UnsafeOnDisk):
+        return PermanentProviderError(
             f"snapshot {key} refused: member '{show(entry.raw_name)}' {exc}"
-        ) from None
-    except OSError as exc:
-        raise os_error(
-            f"cannot restore snapshot {key}: member '{show(entry.raw_name)}'", exc
-        ) from None
+        )
+    if isinstance(exc, OSError):
+        return os_error(f"cannot restore snapshot {key}: member '{show(entry.raw_name)}'", exc)
+    return exc
+
+
+class _Writer:
+    """Writes the members the extraction passed, in a thread of its own, in the order
+    they were passed and exactly as :func:`_extract_one` would in the extracting
+    thread: directories, regular files (with ``O_EXCL | O_NOFOLLOW``) and hard links to
+    files; links are never given to it. The extracting thread reads and checks the
+    next members meanwhile (the file system's time and Python's overlap).
+
+    Members are handed over in batches (``_WRITE_BATCH`` pieces or ``_WRITE_PIECE``
+    bytes), so that the threads wake each other once a batch, not once a member; at
+    most ``_WRITE_QUEUE`` batches wait. After a failure the rest is dropped; the
+    failure (a provider error naming the member) is raised by a later :meth:`put`,
+    and returned by :meth:`wait`, which lets everything given so far be written
+    first. ``made`` and ``dirs`` belong to the thread until :meth:`wait` returns."""
+
+    def __init__(self, key: str, root: str, made: set[str], dirs: list[tuple[str, Entry]]) -> None:
+        self._key = key
+        self._root = root
+        self._made = made
+        self._dirs = dirs
+        self._queue: queue.Queue[list[_Piece] | None] = queue.Queue(_WRITE_QUEUE)
+        self._batch: list[_Piece] = []
+        self._batch_bytes = 0
+        self._failure: BaseException | None = None
+        self._dropping = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="snapshot-write", daemon=True)
+        self._thread.start()
+
+    def put(self, entry: Entry, pieces: Iterable[bytes] = ()) -> None:
+        """Write ``entry`` (a file with its data in ``pieces``, read here as they are
+        handed over)."""
+        first: Entry | None = entry
+        held = b""
+        for piece in pieces:
+            if first is None or held:
+                self._add((first, held, False))
+                first = None
+            held = piece
+        self._add((first, held, True))
+
+    def wait(self) -> BaseException | None:
+        """Let everything given so far be written, stop the thread; its failure."""
+        if not self._stopped:
+            self._stopped = True
+            if self._batch:
+                self._queue.put(self._batch)
+            self._queue.put(None)
+            self._thread.join()
+        return self._failure
+
+    def close(self) -> None:
+        """Stop the thread, dropping what it has not yet written."""
+        self._dropping = True
+        self.wait()
+
+    def _add(self, piece: _Piece) -> None:
+        self._batch.append(piece)
+        self._batch_bytes += len(piece[1])
+        if len(self._batch) >= _WRITE_BATCH or self._batch_bytes >= _WRITE_PIECE:
+            if self._failure is not None:
+                raise self._failure
+            self._queue.put(self._batch)
+            self._batch = []
+            self._batch_bytes = 0
+
+    def _run(self) -> None:
+        fd = -1
+        entry: Entry | None = None
+        try:
+            while (batch := self._queue.get()) is not None:
+                for start, piece, done in batch:
+                    if self._failure is not None or self._dropping:
+                        break
+                    try:
+                        if start is not None:
+                            entry = start
+                            if start.kind != "file":
+                                _extract_one(start, self._root, self._dirs, self._made)
+                                continue
+                            fd = _create_file(start, self._root, self._made)
+                        _write_all(fd, piece)
+                        if done:
+                            assert entry is not None
+                            os.fchmod(fd, entry.mode)
+                            os.utime(fd, (entry.mtime, entry.mtime))
+                            fd, closing = -1, fd
+                            os.close(closing)
+                    except BaseException as exc:
+                        self._failure = _member_failure(self._key, entry, exc) if entry else exc
+                        if fd >= 0:
+                            fd, closing = -1, fd
+                            with contextlib.suppress(OSError):
+                                os.close(closing)
+        finally:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def _make_dirs(root: str, rel: str, made: set[str]) -> str:
@@ -621,58 +747,61 @@ def _make_dirs(root: str, rel: str, made: set[str]) -> str:
     return path
 
 
-def _extract_one(
-    tf: tarfile.TarFile | None,
-    member: tarfile.TarInfo | None,
-    entry: Entry,
-    root: str,
-    dirs: list[tuple[str, Entry]],
-    made: set[str],
-) -> None:
+def _extract_one(entry: Entry, root: str, dirs: list[tuple[str, Entry]], made: set[str]) -> None:
+    """Make a directory, an empty file (a file's data: :class:`_Writer`) or a link."""
     # The scan guarantees nothing replaces a directory once made, so a directory in
     # ``made`` stays one: skip the (slow on some filesystems) mkdir of every parent.
     if entry.kind == "dir":
         dirs.append((_make_dirs(root, entry.name, made), entry))
         return
-    parent, _, base = entry.name.rpartition("/")
-    path = os.path.join(_make_dirs(root, parent, made), base)
     if entry.kind == "file":
-        fd = os.open(path, _CREATE_FILE, 0o600)
+        fd = _create_file(entry, root, made)
         try:
-            if tf is not None and member is not None:
-                _write_data(tf, member, fd)
             os.fchmod(fd, entry.mode)
             os.utime(fd, (entry.mtime, entry.mtime))
         finally:
             os.close(fd)
-    elif entry.kind == "symlink":
+        return
+    parent, _, base = entry.name.rpartition("/")
+    path = os.path.join(_make_dirs(root, parent, made), base)
+    if entry.kind == "symlink":
         os.symlink(entry.link, path)  # never follows: the link itself is created
         os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
     else:  # hardlink, symhardlink: link the member itself, not what it points at
         os.link(os.path.join(root, entry.link), path, follow_symlinks=False)
 
 
-def _write_data(tf: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> None:
-    """A regular member's data into ``fd``: read straight from the archive stream,
-    where the member's header left it (tarfile skips the padding before the next
-    header); a sparse member through tarfile's reader, which fills in its holes."""
+def _create_file(entry: Entry, root: str, made: set[str]) -> int:
+    """A new regular file for ``entry``, open for writing: never an existing file, never
+    through a link (``O_EXCL | O_NOFOLLOW``, parents made by :func:`_make_dirs`)."""
+    parent, _, base = entry.name.rpartition("/")
+    return os.open(os.path.join(_make_dirs(root, parent, made), base), _CREATE_FILE, 0o600)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _pieces(tf: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[bytes]:
+    """A regular member's data, in pieces: read straight from the archive stream, where
+    the member's header left it (tarfile skips the padding before the next header); a
+    sparse member through tarfile's reader, which fills in its holes."""
     if member.sparse is not None:
         data = tf.extractfile(member)
-        if data is not None:
-            with os.fdopen(os.dup(fd), "wb", buffering=0) as out:
-                shutil.copyfileobj(data, out, COPY_CHUNK)
+        while data is not None and (piece := data.read(_WRITE_PIECE)):
+            yield piece
         return
     stream = tf.fileobj
     assert stream is not None
     left = member.size
     while left > 0:
-        chunk = stream.read(min(left, COPY_CHUNK))
-        if not chunk:
+        piece = stream.read(min(left, _WRITE_PIECE))
+        if not piece:
             raise tarfile.ReadError("unexpected end of data")
-        left -= len(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view) :]
+        left -= len(piece)
+        yield piece
 
 
 def _make_staging(parent: Path, name: str) -> tuple[Path, int]:
