@@ -205,7 +205,10 @@ def _good_archive(tmp_path: Path, store: FileSnapshotStore) -> bytes:
         "plain-tar",
     ],
 )
-def test_corrupt_archive_is_permanent(store: FileSnapshotStore, tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize("variant", ["zstd-binary", "zstd-library"])
+def test_corrupt_archive_is_permanent(tmp_path: Path, case: str, variant: str) -> None:
+    """Refused alike whether the ``zstd`` binary or the library decompresses."""
+    store = make_store(tmp_path / "snapshots", variant)
     blob = corruptions(_good_archive(tmp_path, store))[case]
     store.path_for("bad").write_bytes(blob)
     target = tmp_path / "target"

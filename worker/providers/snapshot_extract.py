@@ -2,7 +2,8 @@
 
 Shared by every snapshot store: a store hands over the compressed stream once, and
 :func:`restore` does the rest in a single pass (download or file → zstd → streaming
-tar), into a fresh **staging directory** beside the target (same filesystem), checking
+tar; with the ``zstd`` binary, a thread feeds it the stream while this one reads its
+output), into a fresh **staging directory** beside the target (same filesystem), checking
 each member as it arrives, against every member before it. The archive is refused
 unless every member:
 
@@ -18,7 +19,8 @@ unless every member:
 * if a hard link: points, by a relative path that passes through no symbolic link, at
   an earlier file, hard link or symbolic link member of the archive.
 
-Members that pass are written at once: directories component by component (an
+Members that pass are written at once, in their order, by a writing thread while the
+next ones are read (:class:`_Writer`): directories component by component (an
 existing non-directory on the way is refused, never followed), regular files with
 ``O_EXCL | O_NOFOLLOW``, hard links to files. Symbolic links (and hard links to them)
 are only recorded. The zstd frames must be complete with valid checksums and nothing
@@ -44,6 +46,7 @@ import contextlib
 import errno
 import os
 import queue
+import re
 import secrets
 import shutil
 import stat
@@ -78,6 +81,7 @@ _DECOMPRESS_INPUT_CHUNK = 2048
 
 # The zstd binary's decoding memory, as the library's default: windows up to 128 MiB.
 _ZSTD_MEMORY = "--memory=128MB"
+_ZSTD_NOISE = re.compile(r"^(zstd:\s*)?/\*stdin\*\\?\s*:\s*")
 
 
 _CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -340,14 +344,11 @@ def _zstd_problem(stderr: str, fed: int) -> str:
     if not fed:
         return "it is empty"
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    detail = (
-        show(lines[0].removeprefix("zstd:").replace("/*stdin*\\:", "").strip(), 120)
-        if lines
-        else ""
-    )
+    # "zstd: /*stdin*\: unsupported format", "/*stdin*\ : Decoding error (36) : ..."
+    detail = _ZSTD_NOISE.sub("", lines[0]) if lines else ""
     if "unexpected end of file" in stderr or "premature end" in stderr:
         return "it is truncated (incomplete zstd frame)"
-    return f"it is not valid zstd data ({detail or 'zstd failed'})"
+    return f"it is not valid zstd data ({show(detail, 120) or 'zstd failed'})"
 
 
 def _normalize(name: str) -> list[str] | None:
