@@ -205,7 +205,10 @@ def _good_archive(tmp_path: Path, store: FileSnapshotStore) -> bytes:
         "plain-tar",
     ],
 )
-def test_corrupt_archive_is_permanent(store: FileSnapshotStore, tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize("variant", ["zstd-binary", "zstd-library"])
+def test_corrupt_archive_is_permanent(tmp_path: Path, case: str, variant: str) -> None:
+    """Refused alike whether the ``zstd`` binary or the library decompresses."""
+    store = make_store(tmp_path / "snapshots", variant)
     blob = corruptions(_good_archive(tmp_path, store))[case]
     store.path_for("bad").write_bytes(blob)
     target = tmp_path / "target"
@@ -383,7 +386,9 @@ def test_corruption_in_the_last_bytes_leaves_the_target_untouched(
     with pytest.raises(PermanentProviderError, match="snapshot k is corrupt: "):
         store.restore(info.url, target)
     [(staging, held)] = spy.removed
-    assert staging.parent == parent and held >= 100  # all but the last zstd block's files
+    # The files of the blocks before the damaged one (~85 a block of 128 KiB: the zstd
+    # binary holds one decoded block back until the next decodes, the library does not).
+    assert staging.parent == parent and held >= 50
     if existing:
         assert [p.name for p in parent.iterdir()] == ["target"]
         assert list(target.iterdir()) == []

@@ -149,7 +149,7 @@ class FileSnapshotStore:
         except OSError as exc:
             raise PermanentProviderError(f"snapshot {key} cannot be read: {exc.strerror}") from None
         with fh:
-            snapshot_extract.restore(key, fh, target)
+            snapshot_extract.restore(key, fh, target, zstd_binary=self._writer.zstd_binary)
 
     def delete(self, url: str) -> None:
         path = self.path_for(self.key_for(url))

@@ -16,8 +16,8 @@ same object again: one snapshot per run, whatever the retries.
 
 **Restoring** is one download, streamed through
 :func:`worker.providers.snapshot_extract.restore`: SHA-256 and size computed as the
-bytes arrive → zstd → tar, every member checked as it arrives and written into a
-staging directory beside the target. The ``.sha256`` record is fetched at the same time
+bytes arrive (by the thread that feeds the ``zstd`` binary) → zstd → tar, every member
+checked as it arrives and written into a staging directory beside the target. The ``.sha256`` record is fetched at the same time
 as the object (one round trip before the first byte) and an object whose length differs
 from the record is refused before its first byte is read. Only when the stream has
 ended, its SHA-256 and size match the record and every member passed are the links made
@@ -351,7 +351,9 @@ class S3SnapshotStore:
         snapshot_extract.check_target(key, target)
         body = self._open(key, obj)
         try:
-            snapshot_extract.restore(key, body, target, verify=body.verify)
+            snapshot_extract.restore(
+                key, body, target, verify=body.verify, zstd_binary=self._writer.zstd_binary
+            )
         except PermanentProviderError:
             problem = body.damage()  # a damaged object: say that, not what it broke
             if problem is not None:

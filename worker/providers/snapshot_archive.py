@@ -40,7 +40,7 @@ import zstandard
 from worker.providers.base import PermanentProviderError, ProviderError, TransientProviderError
 from worker.providers.git import subprocess_env
 
-__all__ = ["ArchiveWriter", "DropSpecialMembers", "os_error", "show"]
+__all__ = ["ArchiveWriter", "DropSpecialMembers", "os_error", "show", "widen_pipe"]
 
 T = TypeVar("T")
 
@@ -81,7 +81,7 @@ def os_error(what: str, exc: OSError) -> ProviderError:
     return PermanentProviderError(f"{what}: {reason}")
 
 
-def _widen_pipe(pipe: IO[bytes]) -> None:
+def widen_pipe(pipe: IO[bytes]) -> None:
     """Give a pipe 1 MiB of buffer (Linux; 64 KiB by default), so that the Python pump
     between tar and zstd moves big chunks and neither side waits on it. Best effort."""
     set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
@@ -269,6 +269,12 @@ class ArchiveWriter:
         if use_tar_binary and tar_bin is None:
             raise ValueError("use_tar_binary=True but no 'tar' on PATH")
 
+    @property
+    def zstd_binary(self) -> str | None:
+        """The ``zstd`` binary this writer compresses with (a restore decompresses with
+        it too), or None for the ``zstandard`` library."""
+        return self._zstd_bin
+
     @staticmethod
     def check_source(key: str, source: Path) -> None:
         """Refuse a missing source directory, or one that is a symbolic link."""
@@ -297,7 +303,7 @@ class ArchiveWriter:
         read_fd, write_fd = os.pipe()
         reader = os.fdopen(read_fd, "rb", buffering=0)
         writer = os.fdopen(write_fd, "wb", buffering=0)
-        _widen_pipe(writer)
+        widen_pipe(writer)
         failure: list[BaseException] = []
 
         def produce() -> None:
@@ -337,7 +343,7 @@ class ArchiveWriter:
         with tempfile.TemporaryFile() as tar_err, tempfile.TemporaryFile() as zstd_err:
             tar = subprocess.Popen(tar_cmd, stdout=subprocess.PIPE, stderr=tar_err, env=env)
             assert tar.stdout is not None
-            _widen_pipe(tar.stdout)
+            widen_pipe(tar.stdout)
             zstd_rc = 0
             try:
                 if self._zstd_bin is not None:
@@ -348,7 +354,7 @@ class ArchiveWriter:
                         zstd_cmd, stdin=subprocess.PIPE, stdout=out, stderr=zstd_err, env=env
                     )
                     assert zstd.stdin is not None
-                    _widen_pipe(zstd.stdin)
+                    widen_pipe(zstd.stdin)
                     try:
                         self._pump(tar.stdout, zstd.stdin)
                     except BrokenPipeError:

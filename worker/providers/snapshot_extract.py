@@ -2,7 +2,8 @@
 
 Shared by every snapshot store: a store hands over the compressed stream once, and
 :func:`restore` does the rest in a single pass (download or file → zstd → streaming
-tar), into a fresh **staging directory** beside the target (same filesystem), checking
+tar; with the ``zstd`` binary, a thread feeds it the stream while this one reads its
+output), into a fresh **staging directory** beside the target (same filesystem), checking
 each member as it arrives, against every member before it. The archive is refused
 unless every member:
 
@@ -18,7 +19,8 @@ unless every member:
 * if a hard link: points, by a relative path that passes through no symbolic link, at
   an earlier file, hard link or symbolic link member of the archive.
 
-Members that pass are written at once: directories component by component (an
+Members that pass are written at once, in their order, by a writing thread while the
+next ones are read (:class:`_Writer`): directories component by component (an
 existing non-directory on the way is refused, never followed), regular files with
 ``O_EXCL | O_NOFOLLOW``, hard links to files. Symbolic links (and hard links to them)
 are only recorded. The zstd frames must be complete with valid checksums and nothing
@@ -43,11 +45,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import queue
+import re
 import secrets
 import shutil
 import stat
+import subprocess
 import tarfile
-from collections.abc import Callable
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,7 +62,8 @@ from typing import Any, Protocol
 import zstandard
 
 from worker.providers.base import PermanentProviderError
-from worker.providers.snapshot_archive import COPY_CHUNK, os_error, show
+from worker.providers.git import subprocess_env
+from worker.providers.snapshot_archive import COPY_CHUNK, os_error, show, widen_pipe
 
 __all__ = ["Entry", "Readable", "check_target", "restore"]
 
@@ -69,6 +77,25 @@ class Readable(Protocol):
 # Compressed bytes fed to the decompressor per call. zstd can expand input ~32768x
 # (runs of one byte), so this bounds the memory a hostile archive can make us use.
 _DECOMPRESS_INPUT_CHUNK = 2048
+
+
+# The zstd binary's decoding memory, as the library's default: windows up to 128 MiB.
+_ZSTD_MEMORY = "--memory=128MB"
+_ZSTD_NOISE = re.compile(r"^(zstd:\s*)?/\*stdin\*\\?\s*:\s*")
+
+
+_CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# What the extracting thread hands the writing thread at once: a batch of at most
+# _WRITE_BATCH pieces (a member, or a piece of a file's data: _WRITE_PIECE at most) and
+# about _WRITE_PIECE bytes; at most _WRITE_QUEUE batches wait (~1.5 MiB in all).
+_WRITE_BATCH = 32
+_WRITE_PIECE = 256 * 1024
+_WRITE_QUEUE = 4
+
+
+# A member to write (None: the next piece of the file before), a piece of its data,
+# and whether it is the file's last piece.
+_Piece = tuple["Entry | None", bytes, bool]
 
 
 class _CorruptArchive(Exception):
@@ -179,6 +206,151 @@ class _ZstdReader:
                 chunk = b""
 
 
+class _ZstdProcessReader:
+    """Decompress with the ``zstd`` binary, in a process of its own, while a thread
+    feeds it the compressed stream: reading (a download, with the store's hashing),
+    decompressing and the extraction in this thread all run at once.
+
+    The binary refuses what the library refuses (a truncated or damaged frame, a bad
+    content checksum, data that is not a frame) by its exit status, read at the end of
+    the stream; its memory is bounded the same way (``--memory``). It runs with the
+    allow-listed environment and only ever sees the stream, on its standard input.
+    Records, like :class:`_ZstdReader`, where the last non-zero byte of the
+    decompressed stream ends. A failure to read the compressed stream is raised as
+    itself, as :class:`_ZstdReader` would let it pass."""
+
+    def __init__(self, raw: Readable, binary: str) -> None:
+        self._raw = raw
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 -- closed in close()
+        try:
+            self._proc = subprocess.Popen(
+                [binary, "-d", "-q", "-c", _ZSTD_MEMORY],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._err,
+                env=subprocess_env(),
+                bufsize=0,
+            )
+        except BaseException:
+            self._err.close()
+            raise
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._stdin = self._proc.stdin
+        self._stdout = self._proc.stdout
+        widen_pipe(self._stdin)
+        widen_pipe(self._stdout)
+        self._fed = 0
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._feed, name="snapshot-feed", daemon=True)
+        self._thread.start()
+        self._buf = b""
+        self._off = 0
+        self._pos = 0
+        self._produced = 0
+        self._finished = False
+        self.last_nonzero_end = 0
+
+    def _feed(self) -> None:
+        fd = self._stdin.fileno()
+        try:
+            while chunk := self._raw.read(COPY_CHUNK):
+                self._fed += len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+        except BrokenPipeError:
+            pass  # zstd stopped (its exit status says why) or the reader closed it
+        except BaseException as exc:
+            self._failure.append(exc)
+        finally:
+            with contextlib.suppress(OSError):
+                self._stdin.close()
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size < 0:
+            parts = [self._buf[self._off :]]
+            self._buf, self._off = b"", 0
+            while self._fill():
+                parts.append(self._buf)
+                self._buf = b""
+            out = b"".join(parts)
+        else:
+            if self._off >= len(self._buf) and not self._fill():
+                return b""
+            out = self._buf[self._off : self._off + size]
+            self._off += len(out)
+        self._pos += len(out)
+        return out
+
+    def write(self, _data: bytes, /) -> int:
+        raise OSError(errno.EBADF, "snapshot reader is read-only")
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, /) -> int:
+        if pos != self._pos:
+            raise OSError(errno.ESPIPE, "snapshot reader cannot seek")
+        return pos
+
+    def drain(self) -> None:
+        """Read (and check) the rest of the stream."""
+        self._buf, self._off = b"", 0
+        while self._fill():
+            pass
+
+    def close(self) -> None:
+        """Stop zstd and the feeding thread (at once if the stream was not read to its
+        end: the extraction failed)."""
+        if not self._finished:
+            with contextlib.suppress(OSError):
+                self._proc.kill()
+        with contextlib.suppress(OSError):
+            self._stdout.close()
+        self._proc.wait()
+        self._thread.join()
+        self._err.close()
+
+    def _fill(self) -> bool:
+        """The next chunk of the decompressed stream into the buffer; False at its end
+        (once zstd said the whole stream was good)."""
+        if self._finished:
+            return False
+        chunk = os.read(self._stdout.fileno(), COPY_CHUNK)
+        if not chunk:
+            self._finish()
+            return False
+        stripped = len(chunk.rstrip(b"\0"))
+        if stripped:
+            self.last_nonzero_end = self._produced + stripped
+        self._produced += len(chunk)
+        self._buf, self._off = chunk, 0
+        return True
+
+    def _finish(self) -> None:
+        status = self._proc.wait()
+        self._thread.join()
+        self._finished = True
+        if self._failure:
+            raise self._failure[0]
+        if status != 0:
+            self._err.seek(0)
+            detail = self._err.read(4096).decode("utf-8", "replace")
+            raise _CorruptArchive(_zstd_problem(detail, self._fed))
+
+
+def _zstd_problem(stderr: str, fed: int) -> str:
+    """What the zstd binary's complaint says about the stream, in the library's words."""
+    if not fed:
+        return "it is empty"
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    # "zstd: /*stdin*\: unsupported format", "/*stdin*\ : Decoding error (36) : ..."
+    detail = _ZSTD_NOISE.sub("", lines[0]) if lines else ""
+    if "unexpected end of file" in stderr or "premature end" in stderr:
+        return "it is truncated (incomplete zstd frame)"
+    return f"it is not valid zstd data ({show(detail, 120) or 'zstd failed'})"
+
+
 def _normalize(name: str) -> list[str] | None:
     """Path components of a member name, or None if it is absolute or has ``..``."""
     if name.startswith("/"):
@@ -205,6 +377,7 @@ def restore(
     target: Path,
     *,
     verify: Callable[[], None] | None = None,
+    zstd_binary: str | None = None,
 ) -> None:
     """Extract the archive ``fh`` into ``target`` (missing or an empty directory, see
     :func:`check_target`) in one pass, through a staging directory beside it.
@@ -212,7 +385,11 @@ def restore(
     ``verify`` runs once the stream has ended, every member passed and every file and
     directory is written, before any link is made (a store's check of the whole
     stream, e.g. its SHA-256). Only then is the staging directory renamed onto
-    ``target``; on any failure it is removed and ``target`` is left as it was found."""
+    ``target``; on any failure it is removed and ``target`` is left as it was found.
+
+    With ``zstd_binary`` the stream is decompressed by that program while a thread
+    reads ``fh`` (:class:`_ZstdProcessReader`; ``fh`` is read, and ``verify`` called,
+    by one thread at a time); without, by the ``zstandard`` library in this thread."""
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +397,7 @@ def restore(
     except OSError as exc:
         raise os_error(f"cannot restore snapshot {key}", exc) from None
     try:
-        has_root = _extract(key, fh, staging, verify)
+        has_root = _extract(key, fh, staging, verify, zstd_binary)
         if not has_root:
             # No ``.`` member: the directory keeps the mode it has (an existing target)
             # or would have been made with (a missing one), as if extracted in place.
@@ -337,6 +514,7 @@ def _extract(  # noqa: C901 -- one branch per way the stream can fail
     fh: Readable,
     staging: Path,
     verify: Callable[[], None] | None,
+    zstd_binary: str | None,
 ) -> bool:
     """The single pass into ``staging``: each member checked as it arrives (by the
     rules of :func:`_check_member`, against every member before it), files and
@@ -344,28 +522,50 @@ def _extract(  # noqa: C901 -- one branch per way the stream can fail
     checked, ``verify``, the links, directory permissions and times last. Returns
     whether the archive had a member for the directory itself."""
     root = str(staging)
-    reader = _ZstdReader(fh)
+    reader: _ZstdReader | _ZstdProcessReader
+    try:
+        reader = _ZstdProcessReader(fh, zstd_binary) if zstd_binary else _ZstdReader(fh)
+    except OSError as exc:
+        raise os_error(f"cannot restore snapshot {key}: cannot start zstd", exc) from None
     kinds: dict[str, str] = {}
     links: list[Entry] = []
     dirs: list[tuple[str, Entry]] = []
     made: set[str] = {root}  # directories known to exist (saves a mkdir per file)
     count = 0
+    writer = _Writer(key, root, made, dirs)
     try:
-        with tarfile.open(fileobj=reader, mode="r|") as tf:
-            for member in tf:
-                entry = _check_member(key, member, kinds)
-                count += 1
-                if entry.is_link:
-                    links.append(entry)  # made last: nothing is ever written through one
-                else:
-                    _restore_member(key, entry, root, made, dirs, tf, member)
-            end = tf.offset
-        reader.drain()
-    except _CorruptArchive as exc:
-        raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
-    except (tarfile.TarError, EOFError, OSError, ValueError, zstandard.ZstdError) as exc:
-        # Writes report their own OSErrors (_restore_member): these come from reading.
-        raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tf:
+                for member in tf:
+                    entry = _check_member(key, member, kinds)
+                    count += 1
+                    if entry.is_link:
+                        links.append(entry)  # made last: nothing is ever written through one
+                    elif entry.kind == "file":
+                        writer.put(entry, _pieces(tf, member))
+                    else:
+                        writer.put(entry)
+                end = tf.offset
+            reader.drain()
+        except _CorruptArchive as exc:
+            raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+        except (tarfile.TarError, EOFError, OSError, ValueError, zstandard.ZstdError) as exc:
+            # Writes report their own failures (the writer): these come from reading.
+            raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+        finally:
+            reader.close()
+        failure = writer.wait()  # every file and directory is written
+        if failure is not None:
+            raise failure
+    except Exception:
+        # The writes of the members before the failure are done first, as if written
+        # in this thread: a write that failed on one of them was the first failure.
+        earlier = writer.wait()
+        if earlier is not None:
+            raise earlier from None
+        raise
+    finally:
+        writer.close()  # stopped already, unless by a BaseException
     if reader.last_nonzero_end > end:
         raise PermanentProviderError(
             f"snapshot {key} is corrupt: unreadable data after member {count}"
@@ -405,25 +605,123 @@ def _extract(  # noqa: C901 -- one branch per way the stream can fail
 
 
 def _restore_member(
-    key: str,
-    entry: Entry,
-    root: str,
-    made: set[str],
-    dirs: list[tuple[str, Entry]],
-    tf: tarfile.TarFile | None = None,
-    member: tarfile.TarInfo | None = None,
+    key: str, entry: Entry, root: str, made: set[str], dirs: list[tuple[str, Entry]]
 ) -> None:
     """:func:`_extract_one` with its failures as provider errors naming the member."""
     try:
-        _extract_one(tf, member, entry, root, dirs, made)
-    except _UnsafeOnDisk as exc:
-        raise PermanentProviderError(
+        _extract_one(entry, root, dirs, made)
+    except (_UnsafeOnDisk, OSError) as exc:
+        raise _member_failure(key, entry, exc) from None
+
+
+def _member_failure(key: str, entry: Entry, exc: BaseException) -> BaseException:
+    """A failure to write ``entry`` as a provider error naming the member."""
+    if isinstance(exc, _UnsafeOnDisk):
+        return PermanentProviderError(
             f"snapshot {key} refused: member '{show(entry.raw_name)}' {exc}"
-        ) from None
-    except OSError as exc:
-        raise os_error(
-            f"cannot restore snapshot {key}: member '{show(entry.raw_name)}'", exc
-        ) from None
+        )
+    if isinstance(exc, OSError):
+        return os_error(f"cannot restore snapshot {key}: member '{show(entry.raw_name)}'", exc)
+    return exc
+
+
+class _Writer:
+    """Writes the members the extraction passed, in a thread of its own, in the order
+    they were passed and exactly as :func:`_extract_one` would in the extracting
+    thread: directories, regular files (with ``O_EXCL | O_NOFOLLOW``) and hard links to
+    files; links are never given to it. The extracting thread reads and checks the
+    next members meanwhile (the file system's time and Python's overlap).
+
+    Members are handed over in batches (``_WRITE_BATCH`` pieces or ``_WRITE_PIECE``
+    bytes), so that the threads wake each other once a batch, not once a member; at
+    most ``_WRITE_QUEUE`` batches wait. After a failure the rest is dropped; the
+    failure (a provider error naming the member) is raised by a later :meth:`put`,
+    and returned by :meth:`wait`, which lets everything given so far be written
+    first. ``made`` and ``dirs`` belong to the thread until :meth:`wait` returns."""
+
+    def __init__(self, key: str, root: str, made: set[str], dirs: list[tuple[str, Entry]]) -> None:
+        self._key = key
+        self._root = root
+        self._made = made
+        self._dirs = dirs
+        self._queue: queue.Queue[list[_Piece] | None] = queue.Queue(_WRITE_QUEUE)
+        self._batch: list[_Piece] = []
+        self._batch_bytes = 0
+        self._failure: BaseException | None = None
+        self._dropping = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="snapshot-write", daemon=True)
+        self._thread.start()
+
+    def put(self, entry: Entry, pieces: Iterable[bytes] = ()) -> None:
+        """Write ``entry`` (a file with its data in ``pieces``, read here as they are
+        handed over)."""
+        first: Entry | None = entry
+        held = b""
+        for piece in pieces:
+            if first is None or held:
+                self._add((first, held, False))
+                first = None
+            held = piece
+        self._add((first, held, True))
+
+    def wait(self) -> BaseException | None:
+        """Let everything given so far be written, stop the thread; its failure."""
+        if not self._stopped:
+            self._stopped = True
+            if self._batch:
+                self._queue.put(self._batch)
+            self._queue.put(None)
+            self._thread.join()
+        return self._failure
+
+    def close(self) -> None:
+        """Stop the thread, dropping what it has not yet written."""
+        self._dropping = True
+        self.wait()
+
+    def _add(self, piece: _Piece) -> None:
+        self._batch.append(piece)
+        self._batch_bytes += len(piece[1])
+        if len(self._batch) >= _WRITE_BATCH or self._batch_bytes >= _WRITE_PIECE:
+            if self._failure is not None:
+                raise self._failure
+            self._queue.put(self._batch)
+            self._batch = []
+            self._batch_bytes = 0
+
+    def _run(self) -> None:
+        fd = -1
+        entry: Entry | None = None
+        try:
+            while (batch := self._queue.get()) is not None:
+                for start, piece, done in batch:
+                    if self._failure is not None or self._dropping:
+                        break
+                    try:
+                        if start is not None:
+                            entry = start
+                            if start.kind != "file":
+                                _extract_one(start, self._root, self._dirs, self._made)
+                                continue
+                            fd = _create_file(start, self._root, self._made)
+                        _write_all(fd, piece)
+                        if done:
+                            assert entry is not None
+                            os.fchmod(fd, entry.mode)
+                            os.utime(fd, (entry.mtime, entry.mtime))
+                            fd, closing = -1, fd
+                            os.close(closing)
+                    except BaseException as exc:
+                        self._failure = _member_failure(self._key, entry, exc) if entry else exc
+                        if fd >= 0:
+                            fd, closing = -1, fd
+                            with contextlib.suppress(OSError):
+                                os.close(closing)
+        finally:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def _make_dirs(root: str, rel: str, made: set[str]) -> str:
@@ -450,35 +748,61 @@ def _make_dirs(root: str, rel: str, made: set[str]) -> str:
     return path
 
 
-def _extract_one(
-    tf: tarfile.TarFile | None,
-    member: tarfile.TarInfo | None,
-    entry: Entry,
-    root: str,
-    dirs: list[tuple[str, Entry]],
-    made: set[str],
-) -> None:
+def _extract_one(entry: Entry, root: str, dirs: list[tuple[str, Entry]], made: set[str]) -> None:
+    """Make a directory, an empty file (a file's data: :class:`_Writer`) or a link."""
     # The scan guarantees nothing replaces a directory once made, so a directory in
     # ``made`` stays one: skip the (slow on some filesystems) mkdir of every parent.
     if entry.kind == "dir":
         dirs.append((_make_dirs(root, entry.name, made), entry))
         return
-    parent, _, base = entry.name.rpartition("/")
-    path = os.path.join(_make_dirs(root, parent, made), base)
     if entry.kind == "file":
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o600)
-        with os.fdopen(fd, "wb", buffering=0) as out:
-            data = tf.extractfile(member) if tf is not None and member is not None else None
-            if data is not None:
-                shutil.copyfileobj(data, out, COPY_CHUNK)
+        fd = _create_file(entry, root, made)
+        try:
             os.fchmod(fd, entry.mode)
             os.utime(fd, (entry.mtime, entry.mtime))
-    elif entry.kind == "symlink":
+        finally:
+            os.close(fd)
+        return
+    parent, _, base = entry.name.rpartition("/")
+    path = os.path.join(_make_dirs(root, parent, made), base)
+    if entry.kind == "symlink":
         os.symlink(entry.link, path)  # never follows: the link itself is created
         os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
     else:  # hardlink, symhardlink: link the member itself, not what it points at
         os.link(os.path.join(root, entry.link), path, follow_symlinks=False)
+
+
+def _create_file(entry: Entry, root: str, made: set[str]) -> int:
+    """A new regular file for ``entry``, open for writing: never an existing file, never
+    through a link (``O_EXCL | O_NOFOLLOW``, parents made by :func:`_make_dirs`)."""
+    parent, _, base = entry.name.rpartition("/")
+    return os.open(os.path.join(_make_dirs(root, parent, made), base), _CREATE_FILE, 0o600)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _pieces(tf: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[bytes]:
+    """A regular member's data, in pieces: read straight from the archive stream, where
+    the member's header left it (tarfile skips the padding before the next header); a
+    sparse member through tarfile's reader, which fills in its holes."""
+    if member.sparse is not None:
+        data = tf.extractfile(member)
+        while data is not None and (piece := data.read(_WRITE_PIECE)):
+            yield piece
+        return
+    stream = tf.fileobj
+    assert stream is not None
+    left = member.size
+    while left > 0:
+        piece = stream.read(min(left, _WRITE_PIECE))
+        if not piece:
+            raise tarfile.ReadError("unexpected end of data")
+        left -= len(piece)
+        yield piece
 
 
 def _make_staging(parent: Path, name: str) -> tuple[Path, int]:
