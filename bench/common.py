@@ -534,6 +534,11 @@ def start_worker(
         servers.env(LIFECYCLE_PROVIDER_SET="noop", **env),
         work / "logs",
     )
+    return answering(proc)
+
+
+def answering(proc: Proc) -> Proc:
+    """``proc`` (a worker just spawned) once it answers a ping; stopped if it never does."""
     app = celery_app()
     try:
         wait_for(

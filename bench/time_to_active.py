@@ -42,11 +42,10 @@ from bench.common import (
     Proc,
     Result,
     Servers,
+    answering,
     api_process,
-    celery_app,
     compare,
     percentile,
-    wait_for,
 )
 
 _POLL = 0.002
@@ -130,16 +129,7 @@ def _local_worker(servers: Servers, work: Path) -> Proc:
     file snapshots), as ``lifecycle worker`` runs by default."""
     from tests.support.processes import worker_args
 
-    proc = Proc("worker-tta", worker_args(2), servers.env(), work / "logs")
-    app = celery_app()
-    try:
-        wait_for(
-            lambda: app.control.ping(timeout=0.5), timeout=90, what="the worker to start", proc=proc
-        )
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
+    return answering(Proc("worker-tta", worker_args(2), servers.env(), work / "logs"))
 
 
 def _create(api: Api) -> str:

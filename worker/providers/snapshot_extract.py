@@ -123,7 +123,25 @@ class Entry:
         return self.kind in ("symlink", "symhardlink")
 
 
-class _ZstdReader:
+class _ForwardOnly:
+    """What tarfile's stream mode asks of a reader besides ``read``: the position, and
+    refusals to write or to seek anywhere but where it is."""
+
+    _pos = 0
+
+    def write(self, _data: bytes, /) -> int:
+        raise OSError(errno.EBADF, "snapshot reader is read-only")
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, /) -> int:
+        if pos != self._pos:
+            raise OSError(errno.ESPIPE, "snapshot reader cannot seek")
+        return pos
+
+
+class _ZstdReader(_ForwardOnly):
     """Decompress a zstd file as a stream, refusing truncated or damaged frames.
 
     ``zstandard``'s ``stream_reader`` silently stops at a truncated frame, so frames are
@@ -155,17 +173,6 @@ class _ZstdReader:
             del self._buf[:size]
         self._pos += len(out)
         return out
-
-    def write(self, _data: bytes, /) -> int:
-        raise OSError(errno.EBADF, "snapshot reader is read-only")
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, /) -> int:
-        if pos != self._pos:
-            raise OSError(errno.ESPIPE, "snapshot reader cannot seek")
-        return pos
 
     def close(self) -> None:
         self._buf.clear()
@@ -206,7 +213,7 @@ class _ZstdReader:
                 chunk = b""
 
 
-class _ZstdProcessReader:
+class _ZstdProcessReader(_ForwardOnly):
     """Decompress with the ``zstd`` binary, in a process of its own, while a thread
     feeds it the compressed stream: reading (a download, with the store's hashing),
     decompressing and the extraction in this thread all run at once.
@@ -281,17 +288,6 @@ class _ZstdProcessReader:
             self._off += len(out)
         self._pos += len(out)
         return out
-
-    def write(self, _data: bytes, /) -> int:
-        raise OSError(errno.EBADF, "snapshot reader is read-only")
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, /) -> int:
-        if pos != self._pos:
-            raise OSError(errno.ESPIPE, "snapshot reader cannot seek")
-        return pos
 
     def drain(self) -> None:
         """Read (and check) the rest of the stream."""
