@@ -25,7 +25,7 @@ from worker.logging import configure_logging, get_logger
 from worker.providers.broker import CeleryPublisher, survive_broker_loss
 from worker.providers.registry import build_providers
 from worker.services import hosts, retention, sweeps, webhooks
-from worker.services.lifecycle import LifecycleService
+from worker.services.lifecycle import LifecycleService, log_run
 from worker.task_names import (
     SWEEP_CHECKPOINTS,
     SWEEP_EXPIRE_SNAPSHOTS,
@@ -119,15 +119,7 @@ def _run(task: Task, kind: RunKind, session_id: str, run_id: str, version: int) 
             delay = svc.backoff(request.retries + 1, None)
             log.warning("lifecycle.database_unavailable", error=type(exc).__name__, retry_in=delay)
             raise task.retry(countdown=delay, max_retries=None) from None
-        log.info(
-            "lifecycle.run",
-            outcome=outcome.status,
-            reason=outcome.reason or None,
-            from_version=outcome.from_version,
-            to_version=outcome.to_version,
-            attempt=request.retries + 1,
-            duration_ms=round(outcome.duration * 1000, 1),
-        )
+        log_run(outcome, request.retries + 1)
         if outcome.status is OutcomeStatus.RETRY:
             raise task.retry(countdown=outcome.retry_in, max_retries=None)
         return {"outcome": outcome.status, "reason": outcome.reason}

@@ -101,6 +101,124 @@ def test_a_provision_bumps_the_version_by_one_and_chains_a_published_start(
     assert s.sandbox_state["queue"] == svc.queue and s.hibernate_after is not None
 
 
+def _in_place(tmp_path: Path) -> LifecycleService:
+    return make_service(service_settings(tmp_path, start_in_place=True))
+
+
+def _task_names(redis_client: Any) -> list[str]:
+    raw = redis_client.lrange(DEFAULT_QUEUE, 0, -1)
+    return [json.loads(message)["headers"]["task"] for message in raw]
+
+
+def test_a_provision_runs_the_start_it_chains_in_the_same_delivery(
+    db_clean: dict[str, str], redis_client: Any, tmp_path: Path
+) -> None:
+    svc = _in_place(tmp_path)
+    sid = new_session(svc)
+    redis_client.delete(DEFAULT_QUEUE)  # the create's own provision message
+    out = deliver(svc, next_job(svc, sid) or {})
+    assert (out.status, out.from_version, out.to_version) == ("succeeded", 0, 1)
+    assert out.followed is not None
+    assert (out.followed.status, out.followed.from_version, out.followed.to_version) == (
+        "succeeded",
+        1,
+        2,
+    )
+    s = load_session(svc, sid)
+    assert (s.lifecycle_state, s.lifecycle_version, s.lifecycle_run_id) == ("active", 2, None)
+    _provision, start = run_history(svc, sid)
+    assert (start.kind, start.trigger, start.state, start.attempts) == (
+        "start",
+        "chain",
+        "succeeded",
+        1,
+    )
+    # The start's job is settled without a message: the run already ended here.
+    (row,) = out.jobs
+    with svc.factory() as db:
+        record = db.get(OutboxRecord, row[0])
+    assert record is not None and record.task_name == "lifecycle.start"
+    assert record.published_at is not None and record.claimed_until is None
+    assert start.task_id == record.payload["task_id"]
+    assert _task_names(redis_client) == []
+    # The message a relay could still send (say the marking was lost) is a duplicate.
+    again = deliver(svc, {"kind": RunKind.START, **record.payload["kwargs"]})
+    assert (again.status, again.reason) == ("skipped", "duplicate delivery")
+
+
+def test_a_start_to_retry_in_place_leaves_its_job_to_the_relay_at_the_retry_time(
+    db_clean: dict[str, str], redis_client: Any, tmp_path: Path
+) -> None:
+    svc = _in_place(tmp_path)
+    assert svc.settings.fault_plan is not None
+    svc.settings.fault_plan.write_text(
+        json.dumps({"sandbox.start_from_clone": [{"error": "transient", "retry_after": 120}]})
+    )
+    sid = new_session(svc)
+    redis_client.delete(DEFAULT_QUEUE)
+    out = deliver(svc, next_job(svc, sid) or {})
+    assert out.status == "succeeded" and out.followed is not None
+    assert out.followed.status == "retry" and (out.followed.retry_in or 0) >= 120
+    _provision, start = run_history(svc, sid)
+    assert (start.state, start.attempts) == ("queued", 1)
+    (row,) = out.jobs
+    with svc.factory() as db:
+        record = db.get(OutboxRecord, row[0])
+        assert record is not None and record.published_at is None
+    # Claimed until the retry is due, so the relay leaves it until then...
+    with svc.factory() as db:
+        wait = db.scalar(
+            text("SELECT extract(epoch FROM claimed_until - now()) FROM outbox WHERE id = :i"),
+            {"i": row[0]},
+        )
+    assert 100 < float(wait) <= (out.followed.retry_in or 0) + 1
+    assert outbox.relay(svc.factory, svc.publisher).published == 0  # type: ignore[arg-type]
+    # ... and publishes it then; the delivery takes the run as a retry would.
+    with svc.factory.begin() as db:
+        due = update(OutboxRecord).where(OutboxRecord.id == row[0])
+        db.execute(due.values(claimed_until=datetime.now(UTC)))
+    assert outbox.relay(svc.factory, svc.publisher).published == 1  # type: ignore[arg-type]
+    assert _task_names(redis_client) == ["lifecycle.start"]
+    out = deliver(svc, {"kind": RunKind.START, **record.payload["kwargs"]})
+    assert out.status == "succeeded" and load_session(svc, sid).lifecycle_state == "active"
+    assert load_run(svc, start.id).attempts == 2
+
+
+class _Died(BaseException):
+    """The worker process dying in the middle of the in-place start."""
+
+
+def test_a_worker_dying_in_an_in_place_start_leaves_its_job_to_the_relay(
+    db_clean: dict[str, str],
+    redis_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    svc = _in_place(tmp_path)
+    sid = new_session(svc)
+    redis_client.delete(DEFAULT_QUEUE)
+
+    def die(_s: Any) -> dict[str, Any]:
+        raise _Died
+
+    monkeypatch.setattr(svc.work, "start", die)
+    with pytest.raises(_Died):
+        deliver(svc, next_job(svc, sid) or {})
+    # The provision is recorded; the start holds its lease (the reaper's to re-drive)
+    # and its job is in the outbox, claimed, unpublished: the relay's once the claim ends.
+    provision, start = run_history(svc, sid)
+    assert (provision.state, start.state) == ("succeeded", "running")
+    assert load_session(svc, sid).lifecycle_run_id == start.id
+    with svc.factory.begin() as db:
+        record = db.scalars(select(OutboxRecord).order_by(OutboxRecord.id.desc())).first()
+        assert record is not None and record.task_name == "lifecycle.start"
+        assert record.published_at is None and record.claimed_until is not None
+        due = update(OutboxRecord).where(OutboxRecord.id == record.id)
+        db.execute(due.values(claimed_until=datetime.now(UTC)))
+    assert outbox.relay(svc.factory, svc.publisher).published == 1  # type: ignore[arg-type]
+    assert _task_names(redis_client) == ["lifecycle.start"]
+
+
 def test_a_record_queues_the_oldest_pending_run_with_its_job(svc: LifecycleService) -> None:
     sid = new_session(svc)
     drain(svc, sid)

@@ -19,10 +19,16 @@ if TYPE_CHECKING:
 
 def service_settings(data_dir: Path, **overrides: Any) -> Settings:
     """The run's settings with a data directory of the test's own, a fault plan file in it
-    (write it to inject provider faults) and two retries, then ``overrides``."""
+    (write it to inject provider faults), two retries and every run a delivery of its own
+    (``start_in_place`` off: tests step through runs one by one), then ``overrides``."""
     from worker.config import get_settings
 
-    update = {"data_dir": data_dir, "fault_plan": data_dir / "faults.json", "task_max_retries": 2}
+    update = {
+        "data_dir": data_dir,
+        "fault_plan": data_dir / "faults.json",
+        "task_max_retries": 2,
+        "start_in_place": False,
+    }
     return get_settings().model_copy(update={**update, **overrides})
 
 

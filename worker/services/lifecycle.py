@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+import structlog
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -59,6 +60,7 @@ from worker.providers.registry import Providers
 from worker.routing import host_queue
 from worker.services import commands, outbox, quotas, runs
 from worker.services.sandbox_work import SandboxWork
+from worker.task_names import DEFAULT_QUEUE, TASK_START
 
 log = get_logger(__name__)
 
@@ -79,6 +81,8 @@ class Outcome:
     to_version: int | None = None
     jobs: list[JobRow] = field(default_factory=list)
     duration: float = 0.0
+    # The chained start this delivery ran itself (see LifecycleService._run_here).
+    followed: Outcome | None = None
 
 
 @dataclass(slots=True)
@@ -198,6 +202,7 @@ class LifecycleService:
         started = time.monotonic()
         sid, rid = uuid.UUID(session_id), uuid.UUID(run_id)
         db = self._connection()
+        here: JobRow | None = None
         try:
             try:
                 claim = self._claim(db, kind, sid, rid, version, task_id)
@@ -227,10 +232,55 @@ class LifecycleService:
             else:
                 outcome = self._succeed(kind, claim, changes)
             outcome.duration = time.monotonic() - started
-            self._publish_rows(outcome.jobs, db)
+            here = self._chained_here(outcome)
+            self._publish_rows([job for job in outcome.jobs if job is not here], db)
         finally:
             self._release(db)
+        if here is not None:
+            outcome.followed = self._run_here(here)
         return outcome
+
+    def _chained_here(self, outcome: Outcome) -> JobRow | None:
+        """The start a provision chained, when this worker can run it itself: it consumes
+        the start's queue (the default queue, or this host's own)."""
+        if outcome.status is not OutcomeStatus.SUCCEEDED or not self.settings.start_in_place:
+            return None
+        for job in outcome.jobs:
+            if job[1] == TASK_START and job[3] in (DEFAULT_QUEUE, self.queue):
+                return job
+        return None
+
+    def _run_here(self, job: JobRow) -> Outcome:
+        """Run a chained start in this delivery instead of sending it through the broker
+        to wait for a worker (the hop was a fifth of the time from create to ``active``).
+
+        Its outbox row, committed with the provision's record, stays claimed meanwhile,
+        so nothing is lost if this process dies: the relay publishes it once the claim
+        expires, and the reaper re-drives the lease the start held. Once the start has an
+        outcome the row is settled: marked published when the run ended here (a message
+        now would only be skipped as a duplicate), or, when it is to be retried, its claim
+        moved to the retry's time, so the relay publishes it then."""
+        outbox_id, _task, payload, _queue = job
+        kwargs = payload["kwargs"]
+        with structlog.contextvars.bound_contextvars(
+            run_id=kwargs["run_id"],
+            task_id=payload.get("task_id"),
+            kind=RunKind.START.value,
+            version=kwargs["version"],
+        ):
+            followed = self.execute(
+                RunKind.START,
+                kwargs["session_id"],
+                kwargs["run_id"],
+                kwargs["version"],
+                task_id=payload.get("task_id"),
+            )
+            log_run(followed, 1)
+        if followed.status is OutcomeStatus.RETRY:
+            outbox.reclaim(self.factory, [outbox_id], followed.retry_in or 0.0)
+        else:
+            outbox.mark_published(self.factory, [outbox_id])
+        return followed
 
     # ----------------------------------------------------------------- claim
     def _claim(
@@ -625,3 +675,16 @@ class LifecycleService:
 
 
 ServiceFactory = Callable[[], LifecycleService]
+
+
+def log_run(outcome: Outcome, attempt: int) -> None:
+    """The line every delivery's outcome gets (the run's ids are bound by the caller)."""
+    log.info(
+        "lifecycle.run",
+        outcome=outcome.status,
+        reason=outcome.reason or None,
+        from_version=outcome.from_version,
+        to_version=outcome.to_version,
+        attempt=attempt,
+        duration_ms=round(outcome.duration * 1000, 1),
+    )

@@ -169,6 +169,12 @@ def mark_published(factory: sessionmaker[Session], ids: list[int]) -> None:
     _mark(factory, ids, published_at=func.now(), claimed_until=None)
 
 
+def reclaim(factory: sessionmaker[Session], ids: list[int], seconds: float) -> None:
+    """Keep unpublished records claimed ``seconds`` from now: the relay publishes them
+    then (the retry timer of a job that ran in place and is to run again later)."""
+    _mark(factory, ids, claimed_until=func.now() + timedelta(seconds=max(seconds, 0.0)))
+
+
 def relay(
     factory: sessionmaker[Session],
     publisher: Publisher,
