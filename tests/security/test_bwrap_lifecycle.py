@@ -28,7 +28,12 @@ def bsvc(
 ) -> LifecycleService:
     searchable(tmp_path)
     settings = get_settings().model_copy(
-        update={"data_dir": tmp_path, "sandbox_provider": "bwrap", "command_timeout_seconds": 60}
+        update={
+            "data_dir": tmp_path,
+            "sandbox_provider": "bwrap",
+            "command_timeout_seconds": 60,
+            "start_in_place": False,  # the runs are stepped through one by one
+        }
     )
     return make_service(settings)
 

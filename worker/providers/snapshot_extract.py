@@ -9,7 +9,8 @@ unless every member:
 
 * has a non-empty relative name without ``..`` components (``.`` only as a directory:
   the sandbox directory itself);
-* is a directory, regular file, symbolic link or hard link (no devices, no FIFOs);
+* is a directory, regular file, symbolic link or hard link (no devices, no FIFOs, no
+  sparse files);
 * does not pass through a symbolic link of the archive (``a -> /etc`` then
   ``a/passwd``), nor through a non-directory member; a hard link to a symbolic link
   counts as a symbolic link;
@@ -19,7 +20,9 @@ unless every member:
 * if a hard link: points, by a relative path that passes through no symbolic link, at
   an earlier file, hard link or symbolic link member of the archive.
 
-Members that pass are written at once, in their order, by a writing thread while the
+The tar stream is read by :mod:`worker.providers.tar_stream` (GNU and POSIX formats,
+long names, pax headers; a header with a bad checksum or of a kind it does not know ends
+the stream as corrupt). Members that pass are written at once, in their order, by a writing thread while the
 next ones are read (:class:`_Writer`): directories component by component (an
 existing non-directory on the way is refused, never followed), regular files with
 ``O_EXCL | O_NOFOLLOW``, hard links to files. Symbolic links (and hard links to them)
@@ -51,10 +54,9 @@ import secrets
 import shutil
 import stat
 import subprocess
-import tarfile
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,6 +66,7 @@ import zstandard
 from worker.providers.base import PermanentProviderError
 from worker.providers.git import subprocess_env
 from worker.providers.snapshot_archive import COPY_CHUNK, os_error, show, widen_pipe
+from worker.providers.tar_stream import Member, TarFormatError, TarStream
 
 __all__ = ["Entry", "Readable", "check_target", "restore"]
 
@@ -123,25 +126,7 @@ class Entry:
         return self.kind in ("symlink", "symhardlink")
 
 
-class _ForwardOnly:
-    """What tarfile's stream mode asks of a reader besides ``read``: the position, and
-    refusals to write or to seek anywhere but where it is."""
-
-    _pos = 0
-
-    def write(self, _data: bytes, /) -> int:
-        raise OSError(errno.EBADF, "snapshot reader is read-only")
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, /) -> int:
-        if pos != self._pos:
-            raise OSError(errno.ESPIPE, "snapshot reader cannot seek")
-        return pos
-
-
-class _ZstdReader(_ForwardOnly):
+class _ZstdReader:
     """Decompress a zstd file as a stream, refusing truncated or damaged frames.
 
     ``zstandard``'s ``stream_reader`` silently stops at a truncated frame, so frames are
@@ -158,7 +143,6 @@ class _ZstdReader(_ForwardOnly):
         self._frames = 0
         self._buf = bytearray()
         self._eof = False
-        self._pos = 0
         self._produced = 0
         self.last_nonzero_end = 0
 
@@ -171,7 +155,6 @@ class _ZstdReader(_ForwardOnly):
         else:
             out = bytes(self._buf[:size])
             del self._buf[:size]
-        self._pos += len(out)
         return out
 
     def close(self) -> None:
@@ -213,7 +196,7 @@ class _ZstdReader(_ForwardOnly):
                 chunk = b""
 
 
-class _ZstdProcessReader(_ForwardOnly):
+class _ZstdProcessReader:
     """Decompress with the ``zstd`` binary, in a process of its own, while a thread
     feeds it the compressed stream: reading (a download, with the store's hashing),
     decompressing and the extraction in this thread all run at once.
@@ -252,7 +235,6 @@ class _ZstdProcessReader(_ForwardOnly):
         self._thread.start()
         self._buf = b""
         self._off = 0
-        self._pos = 0
         self._produced = 0
         self._finished = False
         self.last_nonzero_end = 0
@@ -286,7 +268,6 @@ class _ZstdProcessReader(_ForwardOnly):
                 return b""
             out = self._buf[self._off : self._off + size]
             self._off += len(out)
-        self._pos += len(out)
         return out
 
     def drain(self) -> None:
@@ -412,7 +393,7 @@ def restore(
 
 
 def _check_member(  # noqa: C901 -- the docstring's rules, one branch each, in order
-    key: str, member: tarfile.TarInfo, kinds: dict[str, str]
+    key: str, member: Member, kinds: dict[str, str]
 ) -> Entry:
     """One member against the rules in the module docstring. ``kinds`` maps every
     path the earlier members made (``dir`` also for implied parents) to its kind,
@@ -531,21 +512,21 @@ def _extract(  # noqa: C901 -- one branch per way the stream can fail
     writer = _Writer(key, root, made, dirs)
     try:
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tf:
-                for member in tf:
-                    entry = _check_member(key, member, kinds)
-                    count += 1
-                    if entry.is_link:
-                        links.append(entry)  # made last: nothing is ever written through one
-                    elif entry.kind == "file":
-                        writer.put(entry, _pieces(tf, member))
-                    else:
-                        writer.put(entry)
-                end = tf.offset
+            tar = TarStream(reader)
+            for member in tar.members():
+                entry = _check_member(key, member, kinds)
+                count += 1
+                if entry.is_link:
+                    links.append(entry)  # made last: nothing is ever written through one
+                elif entry.kind == "file":
+                    writer.put(entry, tar.data(_WRITE_PIECE))
+                else:
+                    writer.put(entry)
+            end = tar.end
             reader.drain()
-        except _CorruptArchive as exc:
+        except (_CorruptArchive, TarFormatError) as exc:
             raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
-        except (tarfile.TarError, EOFError, OSError, ValueError, zstandard.ZstdError) as exc:
+        except (EOFError, OSError, ValueError, zstandard.ZstdError) as exc:
             # Writes report their own failures (the writer): these come from reading.
             raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
         finally:
@@ -779,26 +760,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _pieces(tf: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[bytes]:
-    """A regular member's data, in pieces: read straight from the archive stream, where
-    the member's header left it (tarfile skips the padding before the next header); a
-    sparse member through tarfile's reader, which fills in its holes."""
-    if member.sparse is not None:
-        data = tf.extractfile(member)
-        while data is not None and (piece := data.read(_WRITE_PIECE)):
-            yield piece
-        return
-    stream = tf.fileobj
-    assert stream is not None
-    left = member.size
-    while left > 0:
-        piece = stream.read(min(left, _WRITE_PIECE))
-        if not piece:
-            raise tarfile.ReadError("unexpected end of data")
-        left -= len(piece)
-        yield piece
 
 
 def _make_staging(parent: Path, name: str) -> tuple[Path, int]:
