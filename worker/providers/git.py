@@ -179,12 +179,22 @@ def validate_branch_name(branch: str) -> str:
     return branch
 
 
-@functools.lru_cache(maxsize=4096)
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+
+
 def _valid_ref(ref: str) -> bool:
-    """``git check-ref-format`` of ``ref`` (a process; its answer never changes, so each
-    name is asked once per process: a start checked the same two names every time)."""
-    result = run_git(["check-ref-format", ref], action="check-ref-format", check=False)
-    return result.returncode == 0
+    """``git check-ref-format``'s rules (git-check-ref-format(1)), here rather than in a
+    process of their own (2 ms a new branch name): no control character, space, ``~ ^ :
+    ? * [ \\``, ``..`` or ``@{``; not ``@``; at least two components, none empty,
+    starting with a dot or ending with ``.lock``; no trailing dot or slash."""
+    if ref == "@" or ref.endswith((".", "/")) or ref.startswith("/"):
+        return False
+    if _REF_FORBIDDEN.search(ref):
+        return False
+    parts = ref.split("/")
+    return len(parts) >= 2 and all(
+        part and not part.startswith(".") and not part.endswith(".lock") for part in parts
+    )
 
 
 def git_config_text(sections: Mapping[tuple[str, str | None], Sequence[tuple[str, str]]]) -> str:
