@@ -8,7 +8,7 @@ System: :class:`worker.providers.s3_snapshots.S3SnapshotStore` (level 3, 8 MiB p
 ``save`` then ``restore`` into an empty directory: the stream uploaded part by part with
 its SHA-256 recorded; the restore is one download (the ``.sha256`` record fetched
 alongside), hashed by a thread as it feeds ``zstd -d``, every member checked as it is
-read and written by a second thread into a staging directory, the SHA-256 checked at
+read (``worker.providers.tar_stream``) and written into a staging directory, the SHA-256 checked at
 the end of the stream, then links and the rename into place.
 Baseline: ``tar -cf - . | zstd -3 -T0`` uploaded with boto3's ``upload_fileobj`` (8 MiB
 parts), and ``get_object`` streamed into ``zstd -d | tar -xf -``.

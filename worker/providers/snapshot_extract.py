@@ -22,10 +22,11 @@ unless every member:
 
 The tar stream is read by :mod:`worker.providers.tar_stream` (GNU and POSIX formats,
 long names, pax headers; a header with a bad checksum or of a kind it does not know ends
-the stream as corrupt). Members that pass are written at once, in their order, by a writing thread while the
-next ones are read (:class:`_Writer`): directories component by component (an
-existing non-directory on the way is refused, never followed), regular files with
-``O_EXCL | O_NOFOLLOW``, hard links to files. Symbolic links (and hard links to them)
+the stream as corrupt). Members that pass are written at once, in their order, in the
+thread that reads them (a writing thread of its own, there while ``tarfile`` parsed,
+only fought it for the GIL once parsing became cheap): directories component by
+component (an existing non-directory on the way is refused, never followed), regular
+files with ``O_EXCL | O_NOFOLLOW``, hard links to files. Symbolic links (and hard links to them)
 are only recorded. The zstd frames must be complete with valid checksums and nothing
 but tar padding may follow the end of the archive; otherwise the archive is reported
 corrupt. Once the stream has ended and the store's own check passed (the S3 store's
@@ -48,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import queue
 import re
 import secrets
 import shutil
@@ -88,17 +88,8 @@ _ZSTD_NOISE = re.compile(r"^(zstd:\s*)?/\*stdin\*\\?\s*:\s*")
 
 
 _CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-# What the extracting thread hands the writing thread at once: a batch of at most
-# _WRITE_BATCH pieces (a member, or a piece of a file's data: _WRITE_PIECE at most) and
-# about _WRITE_PIECE bytes; at most _WRITE_QUEUE batches wait (~1.5 MiB in all).
-_WRITE_BATCH = 32
+# A file's data is written in pieces of at most this many bytes.
 _WRITE_PIECE = 256 * 1024
-_WRITE_QUEUE = 4
-
-
-# A member to write (None: the next piece of the file before), a piece of its data,
-# and whether it is the file's last piece.
-_Piece = tuple["Entry | None", bytes, bool]
 
 
 class _CorruptArchive(Exception):
@@ -509,40 +500,27 @@ def _extract(  # noqa: C901 -- one branch per way the stream can fail
     dirs: list[tuple[str, Entry]] = []
     made: set[str] = {root}  # directories known to exist (saves a mkdir per file)
     count = 0
-    writer = _Writer(key, root, made, dirs)
     try:
-        try:
-            tar = TarStream(reader)
-            for member in tar.members():
-                entry = _check_member(key, member, kinds)
-                count += 1
-                if entry.is_link:
-                    links.append(entry)  # made last: nothing is ever written through one
-                elif entry.kind == "file":
-                    writer.put(entry, tar.data(_WRITE_PIECE))
-                else:
-                    writer.put(entry)
-            end = tar.end
-            reader.drain()
-        except (_CorruptArchive, TarFormatError) as exc:
-            raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
-        except (EOFError, OSError, ValueError, zstandard.ZstdError) as exc:
-            # Writes report their own failures (the writer): these come from reading.
-            raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
-        finally:
-            reader.close()
-        failure = writer.wait()  # every file and directory is written
-        if failure is not None:
-            raise failure
-    except Exception:
-        # The writes of the members before the failure are done first, as if written
-        # in this thread: a write that failed on one of them was the first failure.
-        earlier = writer.wait()
-        if earlier is not None:
-            raise earlier from None
-        raise
+        tar = TarStream(reader)
+        for member in tar.members():
+            entry = _check_member(key, member, kinds)
+            count += 1
+            if entry.is_link:
+                links.append(entry)  # made last: nothing is ever written through one
+            elif entry.kind == "file":
+                _restore_file(key, entry, tar.data(_WRITE_PIECE), root, made)
+            else:
+                _restore_member(key, entry, root, made, dirs)
+        end = tar.end
+        reader.drain()
+    except (_CorruptArchive, TarFormatError) as exc:
+        raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
+    except (EOFError, OSError, ValueError, zstandard.ZstdError) as exc:
+        # Writes report their own failures (provider errors naming the member): these
+        # come from reading.
+        raise PermanentProviderError(f"snapshot {key} is corrupt: {exc}") from None
     finally:
-        writer.close()  # stopped already, unless by a BaseException
+        reader.close()
     if reader.last_nonzero_end > end:
         raise PermanentProviderError(
             f"snapshot {key} is corrupt: unreadable data after member {count}"
@@ -602,105 +580,6 @@ def _member_failure(key: str, entry: Entry, exc: BaseException) -> BaseException
     return exc
 
 
-class _Writer:
-    """Writes the members the extraction passed, in a thread of its own, in the order
-    they were passed and exactly as :func:`_extract_one` would in the extracting
-    thread: directories, regular files (with ``O_EXCL | O_NOFOLLOW``) and hard links to
-    files; links are never given to it. The extracting thread reads and checks the
-    next members meanwhile (the file system's time and Python's overlap).
-
-    Members are handed over in batches (``_WRITE_BATCH`` pieces or ``_WRITE_PIECE``
-    bytes), so that the threads wake each other once a batch, not once a member; at
-    most ``_WRITE_QUEUE`` batches wait. After a failure the rest is dropped; the
-    failure (a provider error naming the member) is raised by a later :meth:`put`,
-    and returned by :meth:`wait`, which lets everything given so far be written
-    first. ``made`` and ``dirs`` belong to the thread until :meth:`wait` returns."""
-
-    def __init__(self, key: str, root: str, made: set[str], dirs: list[tuple[str, Entry]]) -> None:
-        self._key = key
-        self._root = root
-        self._made = made
-        self._dirs = dirs
-        self._queue: queue.Queue[list[_Piece] | None] = queue.Queue(_WRITE_QUEUE)
-        self._batch: list[_Piece] = []
-        self._batch_bytes = 0
-        self._failure: BaseException | None = None
-        self._dropping = False
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="snapshot-write", daemon=True)
-        self._thread.start()
-
-    def put(self, entry: Entry, pieces: Iterable[bytes] = ()) -> None:
-        """Write ``entry`` (a file with its data in ``pieces``, read here as they are
-        handed over)."""
-        first: Entry | None = entry
-        held = b""
-        for piece in pieces:
-            if first is None or held:
-                self._add((first, held, False))
-                first = None
-            held = piece
-        self._add((first, held, True))
-
-    def wait(self) -> BaseException | None:
-        """Let everything given so far be written, stop the thread; its failure."""
-        if not self._stopped:
-            self._stopped = True
-            if self._batch:
-                self._queue.put(self._batch)
-            self._queue.put(None)
-            self._thread.join()
-        return self._failure
-
-    def close(self) -> None:
-        """Stop the thread, dropping what it has not yet written."""
-        self._dropping = True
-        self.wait()
-
-    def _add(self, piece: _Piece) -> None:
-        self._batch.append(piece)
-        self._batch_bytes += len(piece[1])
-        if len(self._batch) >= _WRITE_BATCH or self._batch_bytes >= _WRITE_PIECE:
-            if self._failure is not None:
-                raise self._failure
-            self._queue.put(self._batch)
-            self._batch = []
-            self._batch_bytes = 0
-
-    def _run(self) -> None:
-        fd = -1
-        entry: Entry | None = None
-        try:
-            while (batch := self._queue.get()) is not None:
-                for start, piece, done in batch:
-                    if self._failure is not None or self._dropping:
-                        break
-                    try:
-                        if start is not None:
-                            entry = start
-                            if start.kind != "file":
-                                _extract_one(start, self._root, self._dirs, self._made)
-                                continue
-                            fd = _create_file(start, self._root, self._made)
-                        _write_all(fd, piece)
-                        if done:
-                            assert entry is not None
-                            os.fchmod(fd, entry.mode)
-                            os.utime(fd, (entry.mtime, entry.mtime))
-                            fd, closing = -1, fd
-                            os.close(closing)
-                    except BaseException as exc:
-                        self._failure = _member_failure(self._key, entry, exc) if entry else exc
-                        if fd >= 0:
-                            fd, closing = -1, fd
-                            with contextlib.suppress(OSError):
-                                os.close(closing)
-        finally:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-
-
 def _make_dirs(root: str, rel: str, made: set[str]) -> str:
     """``root/rel`` as a directory, made one component at a time. Anything on the way
     that exists and is not a directory (a link above all) is refused, never followed.
@@ -726,7 +605,7 @@ def _make_dirs(root: str, rel: str, made: set[str]) -> str:
 
 
 def _extract_one(entry: Entry, root: str, dirs: list[tuple[str, Entry]], made: set[str]) -> None:
-    """Make a directory, an empty file (a file's data: :class:`_Writer`) or a link."""
+    """Make a directory, an empty file (one with data: :func:`_restore_file`) or a link."""
     # The scan guarantees nothing replaces a directory once made, so a directory in
     # ``made`` stays one: skip the (slow on some filesystems) mkdir of every parent.
     if entry.kind == "dir":
@@ -747,6 +626,30 @@ def _extract_one(entry: Entry, root: str, dirs: list[tuple[str, Entry]], made: s
         os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
     else:  # hardlink, symhardlink: link the member itself, not what it points at
         os.link(os.path.join(root, entry.link), path, follow_symlinks=False)
+
+
+def _restore_file(
+    key: str, entry: Entry, pieces: Iterable[bytes], root: str, made: set[str]
+) -> None:
+    """Write a regular file member with its data, read from the archive as ``pieces``
+    (a failure to read them is the archive's, raised as it is)."""
+    try:
+        fd = _create_file(entry, root, made)
+    except (_UnsafeOnDisk, OSError) as exc:
+        raise _member_failure(key, entry, exc) from None
+    try:
+        for piece in pieces:
+            try:
+                _write_all(fd, piece)
+            except OSError as exc:
+                raise _member_failure(key, entry, exc) from None
+        try:
+            os.fchmod(fd, entry.mode)
+            os.utime(fd, (entry.mtime, entry.mtime))
+        except OSError as exc:
+            raise _member_failure(key, entry, exc) from None
+    finally:
+        os.close(fd)
 
 
 def _create_file(entry: Entry, root: str, made: set[str]) -> int:
