@@ -10,6 +10,7 @@ import stat
 import tarfile
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -750,3 +751,34 @@ def test_abandoned_temp_files_are_swept(store: FileSnapshotStore, tmp_path: Path
     assert not old.exists()
     assert fresh.exists()
     assert store.count() == 1
+
+
+def test_streams_run_with_a_fine_gil_switch_interval_which_is_restored_after(
+    store: FileSnapshotStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from worker.providers import snapshot_extract
+    from worker.providers.snapshot_archive import fine_switching
+
+    before = sys.getswitchinterval()
+    with fine_switching():
+        assert sys.getswitchinterval() == min(before, 0.0005)
+        with fine_switching():  # nested (another thread's stream): still fine
+            pass
+        assert sys.getswitchinterval() == min(before, 0.0005)
+    assert sys.getswitchinterval() == before
+
+    seen: list[float] = []
+    extract = snapshot_extract._extract
+
+    def spy(*args: Any) -> bool:
+        seen.append(sys.getswitchinterval())
+        return extract(*args)
+
+    monkeypatch.setattr(snapshot_extract, "_extract", spy)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    store.restore(store.save("k", src).url, tmp_path / "out")
+    assert seen == [min(before, 0.0005)] and sys.getswitchinterval() == before

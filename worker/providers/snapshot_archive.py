@@ -28,10 +28,11 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -79,6 +80,37 @@ def os_error(what: str, exc: OSError) -> ProviderError:
     if exc.errno in _NO_SPACE:
         return TransientProviderError(f"{what}: {reason}")
     return PermanentProviderError(f"{what}: {reason}")
+
+
+# While a snapshot streams, the GIL is asked for far more often than Python's default
+# switch interval (5 ms) suits: a thread back from a pipe or socket (the feed of zstd,
+# a download) waits that long behind a thread doing Python work (the tar reader, the
+# writes), and the pipeline stalls. 0.5 ms: the S3 restore of 500 MB went from 1.67x
+# to 1.38x the raw boto3 | zstd | tar pipeline, the save from 1.45x to 1.30x.
+_STREAM_SWITCH_INTERVAL = 0.0005
+_switching_lock = threading.Lock()
+_switching_depth = 0
+_switching_before = 0.0
+
+
+@contextlib.contextmanager
+def fine_switching() -> Iterator[None]:
+    """Run the block with the process's GIL switch interval at most
+    ``_STREAM_SWITCH_INTERVAL`` (restored once the last such block, in any thread,
+    ends). Scheduling only: nothing else about the process changes."""
+    global _switching_depth, _switching_before
+    with _switching_lock:
+        if _switching_depth == 0:
+            _switching_before = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switching_before, _STREAM_SWITCH_INTERVAL))
+        _switching_depth += 1
+    try:
+        yield
+    finally:
+        with _switching_lock:
+            _switching_depth -= 1
+            if _switching_depth == 0:
+                sys.setswitchinterval(_switching_before)
 
 
 def widen_pipe(pipe: IO[bytes]) -> None:
@@ -316,18 +348,19 @@ class ArchiveWriter:
                     writer.close()
 
         thread = threading.Thread(target=produce, name=f"snapshot-{key}", daemon=True)
-        thread.start()
-        try:
-            result = consume(reader)
-            # Whatever consume left unread: drained so that the writer finishes.
-            while reader.read(COPY_CHUNK):
-                pass
-        except BaseException:
-            reader.close()  # tar and zstd stop on a broken pipe
+        with fine_switching():
+            thread.start()
+            try:
+                result = consume(reader)
+                # Whatever consume left unread: drained so that the writer finishes.
+                while reader.read(COPY_CHUNK):
+                    pass
+            except BaseException:
+                reader.close()  # tar and zstd stop on a broken pipe
+                thread.join()
+                raise
+            reader.close()
             thread.join()
-            raise
-        reader.close()
-        thread.join()
         if failure:
             raise failure[0]
         return result

@@ -65,7 +65,13 @@ import zstandard
 
 from worker.providers.base import PermanentProviderError
 from worker.providers.git import subprocess_env
-from worker.providers.snapshot_archive import COPY_CHUNK, os_error, show, widen_pipe
+from worker.providers.snapshot_archive import (
+    COPY_CHUNK,
+    fine_switching,
+    os_error,
+    show,
+    widen_pipe,
+)
 from worker.providers.tar_stream import Member, TarFormatError, TarStream
 
 __all__ = ["Entry", "Readable", "check_target", "restore"]
@@ -100,7 +106,7 @@ class _UnsafeOnDisk(Exception):
     """Extraction met a non-directory where it needs a directory (never followed)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Entry:
     """One validated archive member."""
 
@@ -365,7 +371,8 @@ def restore(
     except OSError as exc:
         raise os_error(f"cannot restore snapshot {key}", exc) from None
     try:
-        has_root = _extract(key, fh, staging, verify, zstd_binary)
+        with fine_switching():
+            has_root = _extract(key, fh, staging, verify, zstd_binary)
         if not has_root:
             # No ``.`` member: the directory keeps the mode it has (an existing target)
             # or would have been made with (a missing one), as if extracted in place.
@@ -383,6 +390,19 @@ def restore(
         raise
 
 
+# What a member is recorded as in ``kinds``: a hard link as what it links to.
+_RECORDED_AS = {"hardlink": "file", "symhardlink": "symlink"}
+
+
+def _through_link(parts: list[str], kinds: dict[str, str]) -> str | None:
+    """The first proper prefix of ``parts`` that is a link of the archive."""
+    for depth in range(1, len(parts)):
+        prefix = "/".join(parts[:depth])
+        if kinds.get(prefix) == "symlink":
+            return prefix
+    return None
+
+
 def _check_member(  # noqa: C901 -- the docstring's rules, one branch each, in order
     key: str, member: Member, kinds: dict[str, str]
 ) -> Entry:
@@ -393,14 +413,6 @@ def _check_member(  # noqa: C901 -- the docstring's rules, one branch each, in o
 
     def refuse(reason: str) -> PermanentProviderError:
         return PermanentProviderError(f"snapshot {key} refused: member '{show(raw)}' {reason}")
-
-    def through_link(parts: list[str]) -> str | None:
-        """The first proper prefix of ``parts`` that is a link of the archive."""
-        for depth in range(1, len(parts)):
-            prefix = "/".join(parts[:depth])
-            if kinds.get(prefix) == "symlink":
-                return prefix
-        return None
 
     if not raw or "\x00" in raw:
         raise refuse("has an empty or invalid name")
@@ -424,7 +436,7 @@ def _check_member(  # noqa: C901 -- the docstring's rules, one branch each, in o
         if source is None or not source:
             raise refuse(f"is a hard link to '{show(member.linkname)}', outside the sandbox")
         link = "/".join(source)
-        via = through_link(source)
+        via = _through_link(source, kinds)
         if via is not None:
             raise refuse(
                 f"is a hard link to '{show(member.linkname)}', through the symbolic "
@@ -447,7 +459,10 @@ def _check_member(  # noqa: C901 -- the docstring's rules, one branch each, in o
 
     if not parts and kind != "dir":
         raise refuse("would replace the sandbox directory itself")
-    for depth in range(1, len(parts)):
+    # A parent already known as a directory had every one of its own parents checked
+    # when it was recorded, and a directory's kind never changes: nothing to walk.
+    parent = name.rpartition("/")[0]
+    for depth in range(1, len(parts) if kinds.get(parent) != "dir" else 1):
         prefix = "/".join(parts[:depth])
         seen = kinds.get(prefix)
         if seen == "symlink":
@@ -466,7 +481,7 @@ def _check_member(  # noqa: C901 -- the docstring's rules, one branch each, in o
                 "is a link, but earlier members are below it (they would be written through it)"
             )
         raise refuse("appears more than once in the snapshot")
-    kinds[name] = {"hardlink": "file", "symhardlink": "symlink"}.get(kind, kind)
+    kinds[name] = _RECORDED_AS.get(kind, kind)
     return Entry(
         raw_name=raw,
         name=name,
@@ -584,7 +599,9 @@ def _make_dirs(root: str, rel: str, made: set[str]) -> str:
     """``root/rel`` as a directory, made one component at a time. Anything on the way
     that exists and is not a directory (a link above all) is refused, never followed.
     ``made`` remembers the directories known to exist."""
-    path = os.path.join(root, rel) if rel else root
+    # Plain concatenation: ``rel`` is a normalized member name (relative, no empty or
+    # ``.``/``..`` components), so nothing os.path.join would do differently applies.
+    path = f"{root}/{rel}" if rel else root
     if path in made:
         return path
     current = root
@@ -629,7 +646,7 @@ def _extract_one(entry: Entry, root: str, dirs: list[tuple[str, Entry]], made: s
 
 
 def _restore_file(
-    key: str, entry: Entry, pieces: Iterable[bytes], root: str, made: set[str]
+    key: str, entry: Entry, pieces: Iterable[memoryview], root: str, made: set[str]
 ) -> None:
     """Write a regular file member with its data, read from the archive as ``pieces``
     (a failure to read them is the archive's, raised as it is)."""
@@ -656,10 +673,10 @@ def _create_file(entry: Entry, root: str, made: set[str]) -> int:
     """A new regular file for ``entry``, open for writing: never an existing file, never
     through a link (``O_EXCL | O_NOFOLLOW``, parents made by :func:`_make_dirs`)."""
     parent, _, base = entry.name.rpartition("/")
-    return os.open(os.path.join(_make_dirs(root, parent, made), base), _CREATE_FILE, 0o600)
+    return os.open(f"{_make_dirs(root, parent, made)}/{base}", _CREATE_FILE, 0o600)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

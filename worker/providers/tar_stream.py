@@ -81,6 +81,11 @@ def _text(field: bytes) -> str:
 
 def _number(field: bytes) -> int:
     """A numeric field: octal digits (NUL- or space-terminated), or GNU base-256."""
+    if field[-1] == 0:  # as GNU tar writes them: digits, then a NUL
+        try:
+            return int(field[:-1], 8)
+        except ValueError:
+            pass
     if field[:1] in (b"\x80", b"\xff"):
         value = int.from_bytes(field[1:], "big")
         return value - (1 << (8 * (len(field) - 1))) if field[0] == 0xFF else value
@@ -170,14 +175,15 @@ class TarStream:
             self._pos += step
             n -= step
 
-    def data(self, piece: int) -> Iterator[bytes]:
-        """The current member's data in pieces of at most ``piece`` bytes, then its
-        padding skipped."""
+    def data(self, piece: int) -> Iterator[memoryview]:
+        """The current member's data in pieces of at most ``piece`` bytes (views of the
+        stream's buffer, valid until the next piece is asked for), then its padding
+        skipped."""
         while self._unread:
             if self._pos == len(self._buf) and not self._more():
                 raise TarFormatError("unexpected end of data")
             step = min(self._unread, len(self._buf) - self._pos, piece)
-            out = self._buf[self._pos : self._pos + step]
+            out = memoryview(self._buf)[self._pos : self._pos + step]
             self._pos += step
             self._unread -= step
             yield out
@@ -229,7 +235,10 @@ class TarStream:
             name = long_name if long_name is not None else _text(header[0:100])
             if long_name is None and header[257:265] == _POSIX_MAGIC and header[345]:
                 name = _text(header[345:500]) + "/" + name
-            link = long_link if long_link is not None else _text(header[157:257])
+            if long_link is not None:
+                link = long_link
+            else:
+                link = _text(header[157:257]) if header[157] else ""
             mtime: float = _number(header[136:148])
             if "path" in pax:
                 name = pax["path"]
