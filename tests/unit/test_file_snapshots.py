@@ -782,3 +782,41 @@ def test_streams_run_with_a_fine_gil_switch_interval_which_is_restored_after(
     (src / "f").write_text("x")
     store.restore(store.save("k", src).url, tmp_path / "out")
     assert seen == [min(before, 0.0005)] and sys.getswitchinterval() == before
+
+
+def test_a_refusal_deep_in_a_2000_level_tree_leaves_nothing_behind(
+    store: FileSnapshotStore, tmp_path: Path
+) -> None:
+    """A legal path 2,000 directories down, then a refused member: the staging
+    directory is removed however deep it goes (a recursive removal stopped at Python's
+    recursion limit and left it beside the target)."""
+    deep = tarfile.TarInfo("a/" * 2000 + "f")
+    deep.size = 1
+    fifo = tarfile.TarInfo("fifo")
+    fifo.type = tarfile.FIFOTYPE
+    url = _write_archive(store, "deep", [(deep, b"x"), (fifo, b"")])
+    parent = tmp_path / "sandboxes"
+    parent.mkdir()
+    with pytest.raises(PermanentProviderError, match="member 'fifo' is a FIFO"):
+        store.restore(url, parent / "t")
+    assert list(parent.iterdir()) == []
+
+
+def test_paths_past_the_budget_are_refused(
+    store: FileSnapshotStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every directory on a member's way is recorded: names near PATH_MAX, thousands of
+    levels deep, would cost megabytes each to check. Past the budget (made small here)
+    the snapshot is refused."""
+    from worker.providers import snapshot_extract
+
+    monkeypatch.setattr(snapshot_extract, "_MAX_RECORDED", 50_000)
+    members = []
+    for branch in range(3):
+        info = tarfile.TarInfo(f"b{branch}/" + "d/" * 1000 + "f")
+        info.size = 1
+        members.append((info, b"x"))
+    url = _write_archive(store, "wide", members)
+    with pytest.raises(PermanentProviderError, match="paths past 0 MiB"):
+        store.restore(url, tmp_path / "t")
+    assert not (tmp_path / "t").exists()

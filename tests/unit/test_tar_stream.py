@@ -128,59 +128,75 @@ def _corrupt(data: bytes, at: int, value: bytes) -> bytes:
     return data[:at] + value + data[at + len(value) :]
 
 
-@pytest.mark.parametrize(
-    ("case", "message"),
-    [
-        ("bad-checksum", "bad checksum"),
-        ("truncated-data", "unexpected end of data"),
-        ("truncated-header", "unexpected end of data"),
-        ("global-pax", "pax global header"),
-        ("sparse", "sparse file"),
-        ("bad-number", "invalid number"),
-        ("huge-long-name", "a name or pax header of"),
-        ("bad-pax-record", "invalid pax header"),
-        ("dangling-long-name", "ends after a long name"),
-    ],
-)
-def test_what_it_does_not_accept_is_corrupt(case: str, message: str) -> None:
-    data, _ = _archive(tarfile.GNU_FORMAT)
-    first_data = 512 * 2  # the "dir" header, then dir/a.txt's header
-    if case == "bad-checksum":
-        data = _corrupt(data, 512 + 10, b"Z")
-    elif case == "truncated-data":
-        data = data[: first_data + 3]
-    elif case == "truncated-header":
-        data = data[: 512 + 100]
-    elif case == "bad-number":
-        ti = tarfile.TarInfo("n")
-        block = bytearray(ti.tobuf(tarfile.GNU_FORMAT))
-        block[124:136] = b"0000000009z\0"  # size, not octal
-        block[148:156] = b"        "
-        block[148:155] = b"%06o\0" % (sum(block) & 0o777777)
-        data = bytes(block) + bytes(1024)
-    else:
-        ti = tarfile.TarInfo("m")
-        if case == "global-pax":
-            buf = io.BytesIO()
-            with tarfile.open(
-                fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "x"}
-            ) as tf:
-                tf.addfile(ti)
-            data = buf.getvalue()
-        elif case == "sparse":
-            ti.type = tarfile.GNUTYPE_SPARSE
-            data = ti.tobuf(tarfile.GNU_FORMAT) + bytes(1024)
-        elif case == "huge-long-name":
-            ti.name = "n" * (MAX_META + 10)
-            data = ti.tobuf(tarfile.GNU_FORMAT) + bytes(1024)
-        elif case == "bad-pax-record":
-            ti.type = tarfile.XHDTYPE
-            body = b"99 path=x\n"
-            ti.size = len(body)
-            data = ti.tobuf(tarfile.GNU_FORMAT) + body.ljust(512, b"\0") + bytes(1024)
-        elif case == "dangling-long-name":
-            ti.name = "n" * 200
-            long_name_only = ti.tobuf(tarfile.GNU_FORMAT)[:-512]  # the L member alone
-            data = long_name_only + bytes(1024)
+END = bytes(1024)
+
+
+def _member(fmt: int = tarfile.GNU_FORMAT, **fields: object) -> bytes:
+    """One member "m" (``fields`` set on its TarInfo) and the end of the archive."""
+    ti = tarfile.TarInfo("m")
+    for key, value in fields.items():
+        setattr(ti, key, value)
+    return ti.tobuf(fmt) + END
+
+
+def _bad_number() -> bytes:
+    block = bytearray(tarfile.TarInfo("n").tobuf(tarfile.GNU_FORMAT))
+    block[124:136] = b"0000000009z\0"  # size, not octal
+    block[148:156] = b"        "
+    block[148:155] = b"%06o\0" % (sum(block) & 0o777777)
+    return bytes(block) + END
+
+
+def _global_pax() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "x"}
+    ) as tf:
+        tf.addfile(tarfile.TarInfo("m"))
+    return buf.getvalue()
+
+
+def _pax_member(record: bytes) -> bytes:
+    ti = tarfile.TarInfo("p")
+    ti.type, ti.size = tarfile.XHDTYPE, len(record)
+    return ti.tobuf(tarfile.GNU_FORMAT) + record + bytes(-len(record) % 512)
+
+
+def _long_name_alone() -> bytes:
+    return _member(name="n" * 200)[: -512 - len(END)]  # the L member, not the one it names
+
+
+def _piling_pax() -> bytes:  # each under the limit, together over it
+    rest = b" k=" + b"v" * 300_000 + b"\n"
+    return _pax_member(str(len(rest) + 6).encode() + rest) * 4 + _member()  # 300,010 bytes
+
+
+GOOD, _ = _archive(tarfile.GNU_FORMAT)
+CORRUPT: dict[str, tuple[bytes, str]] = {
+    "bad-checksum": (_corrupt(GOOD, 512 + 10, b"Z"), "bad checksum"),
+    "truncated-data": (GOOD[: 512 * 2 + 3], "unexpected end of data"),
+    "truncated-header": (GOOD[: 512 + 100], "unexpected end of data"),
+    "global-pax": (_global_pax(), "pax global header"),
+    "sparse": (_member(type=tarfile.GNUTYPE_SPARSE), "sparse file"),
+    "bad-number": (_bad_number(), "invalid number"),
+    "huge-long-name": (_member(name="n" * (MAX_META + 10)), "a name or pax header of"),
+    "bad-pax-record": (_pax_member(b"99 path=x\n") + _member(), "invalid pax header"),
+    "dangling-long-name": (_long_name_alone() + END, "ends after a long name"),
+    "long-name-then-end-of-stream": (_long_name_alone(), "ends after a long name"),
+    # costs nothing to send, megabytes to check
+    "name-over-path-max": (_member(name="a/" * 2100 + "f"), "longer than 4096 bytes"),
+    "link-over-path-max": (  # 2,100 characters, 4,200 bytes
+        _member(tarfile.PAX_FORMAT, type=tarfile.SYMTYPE, linkname="é" * 2100),
+        "longer than 4096 bytes",
+    ),
+    "pax-headers-piling-up": (_piling_pax(), "a name or pax header of"),
+    "time-out-of-range": (_member(mtime=2**80), "time out of range"),  # os.utime overflows
+    "pax-time-nan": (_member(tarfile.PAX_FORMAT, pax_headers={"mtime": "nan"}), "out of range"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT))
+def test_what_it_does_not_accept_is_corrupt(case: str) -> None:
+    data, message = CORRUPT[case]
     with pytest.raises(TarFormatError, match=message):
         _read_all(data)

@@ -51,7 +51,6 @@ import errno
 import os
 import re
 import secrets
-import shutil
 import stat
 import subprocess
 import tempfile
@@ -393,6 +392,21 @@ def restore(
 # What a member is recorded as in ``kinds``: a hard link as what it links to.
 _RECORDED_AS = {"hardlink": "file", "symhardlink": "symlink"}
 
+# The most bytes of paths one restore records (``_Kinds``): each new directory on a
+# member's way is one path, so 4,096-byte names 2,048 levels deep cost megabytes each.
+# A real tree's paths (each directory and file once) stay far below.
+_MAX_RECORDED = 256 << 20
+
+
+class _Kinds(dict[str, str]):
+    """Every path the members made so far and its kind, and the bytes of those paths."""
+
+    recorded = 0
+
+    def record(self, path: str, kind: str) -> None:
+        self[path] = kind
+        self.recorded += len(path)
+
 
 def _through_link(parts: list[str], kinds: dict[str, str]) -> str | None:
     """The first proper prefix of ``parts`` that is a link of the archive."""
@@ -404,7 +418,7 @@ def _through_link(parts: list[str], kinds: dict[str, str]) -> str | None:
 
 
 def _check_member(  # noqa: C901 -- the docstring's rules, one branch each, in order
-    key: str, member: Member, kinds: dict[str, str]
+    key: str, member: Member, kinds: _Kinds
 ) -> Entry:
     """One member against the rules in the module docstring. ``kinds`` maps every
     path the earlier members made (``dir`` also for implied parents) to its kind,
@@ -471,7 +485,7 @@ def _check_member(  # noqa: C901 -- the docstring's rules, one branch each, in o
                 "possibly outside the sandbox"
             )
         if seen is None:
-            kinds[prefix] = "dir"
+            kinds.record(prefix, "dir")
         elif seen != "dir":
             raise refuse(f"is below '{show(prefix)}', which is not a directory")
     seen = kinds.get(name)
@@ -481,7 +495,11 @@ def _check_member(  # noqa: C901 -- the docstring's rules, one branch each, in o
                 "is a link, but earlier members are below it (they would be written through it)"
             )
         raise refuse("appears more than once in the snapshot")
-    kinds[name] = _RECORDED_AS.get(kind, kind)
+    kinds.record(name, _RECORDED_AS.get(kind, kind))
+    if kinds.recorded > _MAX_RECORDED:
+        raise refuse(
+            f"takes the snapshot's paths past {_MAX_RECORDED >> 20} MiB (too many or too deep)"
+        )
     return Entry(
         raw_name=raw,
         name=name,
@@ -510,7 +528,7 @@ def _extract(  # noqa: C901 -- one branch per way the stream can fail
         reader = _ZstdProcessReader(fh, zstd_binary) if zstd_binary else _ZstdReader(fh)
     except OSError as exc:
         raise os_error(f"cannot restore snapshot {key}: cannot start zstd", exc) from None
-    kinds: dict[str, str] = {}
+    kinds = _Kinds()
     links: list[Entry] = []
     dirs: list[tuple[str, Entry]] = []
     made: set[str] = {root}  # directories known to exist (saves a mkdir per file)
@@ -725,15 +743,29 @@ def _move_into_place(key: str, staging: Path, target: Path) -> None:
 
 def _remove_tree(path: Path) -> None:
     """Remove a staging directory, read-only directories (a restore sets their modes
-    last) included. Nothing in it is followed: links are removed as links."""
-    if not path.is_dir() or path.is_symlink():
-        return
-    with contextlib.suppress(OSError):
-        os.chmod(path, 0o700)
-    for dirpath, dirnames, _files in os.walk(path):
-        for dirname in dirnames:
-            with contextlib.suppress(OSError):
-                child = os.path.join(dirpath, dirname)
-                if not os.path.islink(child):
-                    os.chmod(child, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+    last) included, however deep (no recursion: a member may be 2,000 levels down).
+    Nothing in it is followed: links are removed as links, and a directory is made
+    writable through a descriptor that refuses a link. Best effort."""
+    pending: list[tuple[str, bool]] = [(str(path), False)]
+    while pending:
+        current, emptied = pending.pop()
+        with contextlib.suppress(OSError):
+            if emptied:
+                os.rmdir(current)
+                continue
+            if not stat.S_ISDIR(os.lstat(current).st_mode):
+                os.unlink(current)
+                continue
+            fd = os.open(current, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
+            pending.append((current, True))
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((entry.path, False))
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)

@@ -20,8 +20,16 @@ from typing import Protocol
 
 BLOCK = 512
 
-#: Longest GNU long name or pax header data read (a name is at most PATH_MAX).
+#: The most long-name and pax header data read before one member (in all).
 MAX_META = 1 << 20
+#: Longest member name or link target, encoded (Linux's PATH_MAX): a longer one could
+#: not be written anyway, and checking one costs memory with the square of its length.
+MAX_NAME = 4096
+#: Member times beyond this many seconds from 1970 either way are refused (os.utime
+#: overflows long before what base-256 fields can hold).
+MAX_TIME = 2.0**40
+#: The pax keys a member takes (others, like uname or atime, are read and dropped).
+_PAX_KEYS = frozenset({"path", "linkpath", "size", "mtime"})
 
 _REGULAR = frozenset({b"0", b"\0", b"7"})
 _POSIX_MAGIC = b"ustar\x0000"
@@ -190,9 +198,10 @@ class TarStream:
         self._skip(self._padding)
         self._padding = 0
 
-    def _meta(self, size: int) -> bytes:
-        """The data of a long-name or pax member (bounded), padding skipped."""
-        if size > MAX_META:
+    def _meta(self, size: int, budget: int) -> bytes:
+        """The data of a long-name or pax member, padding skipped; what one member's
+        such headers may still read is ``budget`` bytes."""
+        if size > budget:
             raise TarFormatError(f"a name or pax header of {size} bytes")
         data = self._take(size)
         self._skip(-size % BLOCK)
@@ -202,15 +211,16 @@ class TarStream:
         long_name: str | None = None
         long_link: str | None = None
         pax: dict[str, str] = {}
+        sparse = False
+        meta = 0  # bytes of long-name and pax data read for the coming member
         while True:
             self._skip(self._unread + self._padding)  # what the previous member left
             self._unread = self._padding = 0
             self.end = self._base + self._pos
-            if len(self._buf) - self._pos < BLOCK and not self._more_or_end():
-                return
-            header = self._take(BLOCK)
-            if header == _ZERO_BLOCK:
-                if long_name is not None or long_link is not None or pax:
+            ended = len(self._buf) - self._pos < BLOCK and not self._more_or_end()
+            header = b"" if ended else self._take(BLOCK)
+            if ended or header == _ZERO_BLOCK:
+                if meta:
                     raise TarFormatError("the archive ends after a long name or pax header")
                 return
             if not _checksum_ok(header):
@@ -219,18 +229,22 @@ class TarStream:
             size = _number(header[124:136])
             if size < 0:
                 raise TarFormatError("negative member size")
-            if kind == b"L":
-                long_name = _text(self._meta(size))
-                continue
-            if kind == b"K":
-                long_link = _text(self._meta(size))
-                continue
-            if kind == b"x":
-                pax.update(_pax(self._meta(size)))
+            if kind in (b"L", b"K", b"x"):
+                body = self._meta(size, MAX_META - meta)
+                meta += max(size, 1)
+                if kind == b"L":
+                    long_name = _text(body)
+                elif kind == b"K":
+                    long_link = _text(body)
+                else:
+                    for key, value in _pax(body).items():
+                        if key in _PAX_KEYS:
+                            pax[key] = value
+                        sparse = sparse or key.startswith("GNU.sparse")
                 continue
             if kind == b"g":
                 raise TarFormatError("a pax global header (not part of a snapshot)")
-            if any(key.startswith("GNU.sparse") for key in pax) or kind == b"S":
+            if sparse or kind == b"S":
                 raise TarFormatError("a sparse file (not part of a snapshot)")
             name = long_name if long_name is not None else _text(header[0:100])
             if long_name is None and header[257:265] == _POSIX_MAGIC and header[345]:
@@ -253,12 +267,22 @@ class TarStream:
                 raise TarFormatError("invalid number in a pax header") from None
             if size < 0:
                 raise TarFormatError("negative member size")
+            if not -MAX_TIME <= mtime <= MAX_TIME:  # also NaN
+                raise TarFormatError("a member time out of range")
+            for text in (name, link):
+                # (at most 4 bytes a character: only a long one needs encoding)
+                if (
+                    len(text) > MAX_NAME // 4
+                    and len(text.encode("utf-8", "surrogateescape")) > MAX_NAME
+                ):
+                    raise TarFormatError(f"a name or link longer than {MAX_NAME} bytes")
             if kind == b"\0" and name.endswith("/"):
                 kind = b"5"  # the old V7 way of writing a directory
             if kind == b"5":
                 name = name.rstrip("/")  # "dir/" as tar writes it, "dir" as tarfile reads it
             long_name = long_link = None
             pax = {}
+            meta = 0
             data = size if kind in _REGULAR else 0
             self._unread, self._padding = data, -data % BLOCK
             yield Member(name, kind, link, _number(header[100:108]), mtime, data)
