@@ -623,6 +623,61 @@ def test_api_sigkill(make_cluster: MakeCluster, variant: str) -> None:
     assert fig.extra["relay_published"] > 0, "no kill landed between a commit and its publish"
 
 
+# --------------------------------------------------------------------------- 7
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_relay_sigkill(make_cluster: MakeCluster, own_servers: OwnServers, variant: str) -> None:
+    """SIGKILL the worker while its outbox relay publishes a backlog. Sessions are
+    created while Redis is down (the API records them, its publisher cannot send), so
+    every provision job waits for the relay; once Redis is back the relay claims the
+    backlog and publishes it, and the worker running it is killed mid-publish (rows
+    claimed, not yet marked), then again each time the relay takes the rows over after
+    the claim (``CLAIM_SECONDS``) ran out. Nothing is lost: every answered session gets
+    to ``active``, once, and the outbox ends empty."""
+    from worker.db.statements import CLAIM_SECONDS
+
+    n = sized(400, 120, variant)
+    kills = sized(3, 1, variant)
+    cluster = make_cluster("relay-sigkill", {**BASE_ENV, "LIFECYCLE_LEASE_SECONDS": "300"})
+    start_all(cluster)
+    mid_relay = 0
+    with running(cluster, [("active", None)], clients=8) as run:
+        own_servers.redis.stop()
+        try:
+            run.driver.create_async(n, pace=0.0)
+            poll(lambda: len(run.driver.answered()) >= n, timeout=60 + n * 0.2)
+        finally:
+            own_servers.redis.start()
+        for attempt in range(1, kills + 1):  # bounded: a fixed number of kills
+            # The relay's claim of the backlog (its attempt-th), not yet marked published.
+            mid_relay += _wait_relaying(run.engine, attempt, timeout=CLAIM_SECONDS + 30)
+            cluster.kill("worker")
+            time.sleep(0.5)
+            cluster.start_worker()
+        run.driver.wait_done(timeout=CLAIM_SECONDS * (kills + 1) + 120 + n * 0.5)
+        poll(lambda: _outbox_unpublished(run.engine) == 0, timeout=CLAIM_SECONDS + 30)
+        unpublished = _outbox_unpublished(run.engine)
+        fig = finish(run, "relay_sigkill", "active", kills=cluster.kills, kills_mid_relay=mid_relay)
+        relay = _relayed_provisions(run.engine)
+    fig.extra.update(relay_published=len(relay), outbox_unpublished=unpublished)
+    fig.must_be_zero += ["creates_unanswered", "outbox_unpublished"]
+    fig.report()
+    fig.check()
+    assert fig.extra["relay_published"] > 0, "the relay published nothing"
+    assert mid_relay > 0, "no kill landed while the relay held claimed, unpublished rows"
+
+
+def _wait_relaying(engine: Engine, attempt: int, timeout: float) -> bool:
+    """Wait (bounded) until the relay holds rows of its ``attempt``-th claim, not yet
+    marked published."""
+    query = text(
+        "SELECT 1 FROM outbox WHERE published_at IS NULL AND attempts >= :attempt"
+        " AND claimed_until > now() LIMIT 1"
+    )
+    return _row_appears(engine, query, {"attempt": attempt}, timeout)
+
+
 def _wait_unmarked(engine: Engine, since: Any, timeout: float) -> bool:
     """Wait (bounded) until a job written after ``since`` (by the API running now, not
     one a killed API left claimed) is committed but not yet marked published."""
