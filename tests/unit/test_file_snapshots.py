@@ -784,13 +784,14 @@ def test_streams_run_with_a_fine_gil_switch_interval_which_is_restored_after(
     assert seen == [min(before, 0.0005)] and sys.getswitchinterval() == before
 
 
-def test_a_refusal_deep_in_a_2000_level_tree_leaves_nothing_behind(
+def test_a_refusal_deep_in_a_1200_level_tree_leaves_nothing_behind(
     store: FileSnapshotStore, tmp_path: Path
 ) -> None:
-    """A legal path 2,000 directories down, then a refused member: the staging
-    directory is removed however deep it goes (a recursive removal stopped at Python's
+    """A legal path 1,200 directories down (past Python's recursion limit, well inside
+    PATH_MAX from any temporary directory), then a refused member: the staging
+    directory is removed however deep it goes (a recursive removal stopped at the
     recursion limit and left it beside the target)."""
-    deep = tarfile.TarInfo("a/" * 2000 + "f")
+    deep = tarfile.TarInfo("a/" * 1200 + "f")
     deep.size = 1
     fifo = tarfile.TarInfo("fifo")
     fifo.type = tarfile.FIFOTYPE
