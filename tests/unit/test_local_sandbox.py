@@ -123,6 +123,23 @@ def test_concurrent_starts_make_one_sandbox(
     assert (sandboxes.workdir("sess-c") / "README.md").is_file()
 
 
+def test_stop_removes_a_tree_deeper_than_the_recursion_limit(
+    sandboxes: LocalSandboxProvider, repo: RepoInfo, branch: BranchInfo
+) -> None:
+    """An agent's ``mkdir -p a/a/a/…`` 1,500 levels down (shutil.rmtree and os.walk
+    recurse, and raised RecursionError: the sandbox could never be stopped)."""
+    sandboxes.start_from_clone("deep", repo.clone_url, branch.name)
+    work = sandboxes.workdir("deep")
+    deep = work
+    for _ in range(1500):
+        deep = deep / "a"
+        deep.mkdir()  # one level at a time: os.makedirs recurses too
+    (deep / "f").write_text("x")
+    sandboxes.stop("deep")
+    assert not sandboxes.exists("deep")
+    assert leftovers(sandboxes) == []
+
+
 def test_stop_removes_and_is_idempotent(
     sandboxes: LocalSandboxProvider, repo: RepoInfo, branch: BranchInfo
 ) -> None:

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +37,7 @@ from worker.providers.git import (
     git_config_text,
     run_git,
     strip_url_credentials,
+    subprocess_env,
     validate_branch_name,
 )
 
@@ -75,7 +77,9 @@ def _make_user_writable(path: Path) -> None:
 
 
 def _rmtree(path: Path) -> None:
-    """Remove ``path`` (file, link or tree), even with read-only directories inside."""
+    """Remove ``path`` (file, link or tree), even with read-only directories inside, or
+    nested deeper than Python's recursion limit (an agent's ``mkdir -p a/a/a/…``: then
+    ``rm -rf``, the system's, which walks any depth by descriptors)."""
     try:
         if path.is_symlink() or path.is_file():
             path.unlink(missing_ok=True)
@@ -83,9 +87,20 @@ def _rmtree(path: Path) -> None:
             shutil.rmtree(path)
     except FileNotFoundError:
         return
-    except OSError:
-        _make_user_writable(path)
-        shutil.rmtree(path, ignore_errors=True)
+    except (OSError, RecursionError):
+        with contextlib.suppress(RecursionError):
+            _make_user_writable(path)
+        with contextlib.suppress(RecursionError):
+            shutil.rmtree(path, ignore_errors=True)
+        if os.path.lexists(path):
+            subprocess.run(
+                ["rm", "-rf", "--one-file-system", "--", str(path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=subprocess_env(),
+                check=False,
+            )
 
 
 class LocalSandboxProvider:
