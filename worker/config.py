@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     stream_claim_ttl_seconds: float = Field(default=60, gt=0)
     max_stream_claim_ttl_seconds: float = Field(default=600, gt=0)
     lease_seconds: float = Field(default=15 * 60, gt=0)
-    # A provision runs the start it chains in the same delivery when this worker consumes
+    # A run that queues a start (the one a provision chains, or a start kicked while the
+    # run worked) runs it in the same delivery when this worker consumes
     # the start's queue, instead of sending it through the broker to wait for a worker
     # (off: every run is a delivery of its own, as tests that step through runs want).
     start_in_place: bool = True

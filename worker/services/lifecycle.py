@@ -241,8 +241,9 @@ class LifecycleService:
         return outcome
 
     def _chained_here(self, outcome: Outcome) -> JobRow | None:
-        """The start a provision chained, when this worker can run it itself: it consumes
-        the start's queue (the default queue, or this host's own)."""
+        """A start this successful delivery queued (the one a provision chains, or a start
+        kicked meanwhile and dispatched by the record), when this worker can run it
+        itself: it consumes the start's queue (the default queue, or this host's own)."""
         if outcome.status is not OutcomeStatus.SUCCEEDED or not self.settings.start_in_place:
             return None
         for job in outcome.jobs:
@@ -251,7 +252,7 @@ class LifecycleService:
         return None
 
     def _run_here(self, job: JobRow) -> Outcome:
-        """Run a chained start in this delivery instead of sending it through the broker
+        """Run a start this delivery queued in the same delivery instead of sending it through the broker
         to wait for a worker (the hop was a fifth of the time from create to ``active``).
 
         Its outbox row, committed with the provision's record, stays claimed meanwhile,
